@@ -1,0 +1,384 @@
+"""The compact Vision Transformer and the few training helpers that vit_cifar.py and vit_imagenet.py share.
+
+Model: "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021), pre-norm blocks, parameter names as timm's
+VisionTransformer, so `timm.create_model('vit_base_patch16_224').state_dict()` loads here with strict=True and gives
+the same logits; `from_torchvision` converts torchvision's ViT weights. Attention is one fused qkv Linear plus
+F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+"""
+import csv
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, dim):
+        super().__init__()
+        self.img_size, self.in_chans, self.grid = img_size, in_chans, img_size // patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1:] != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"expected input (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, qkv_bias=True, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        self.heads, self.attn_drop = heads, attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, return_attn=False):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
+        attn = None
+        if return_attn:  # the softmax SDPA computes internally but does not return
+            attn = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).softmax(-1)  # (B, H, N, N)
+            x = attn @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, Dh) -> (B, N, D)
+        return self.proj_drop(self.proj(x)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop=0.):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops a sample's whole residual branch
+
+    def forward(self, x, return_attn=False):
+        y, attn = self.attn(self.norm1(x), return_attn)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attn) if return_attn else x
+
+
+def sincos_pos_embed(grid, dim, temperature=10000.):
+    """Fixed 2-D sin-cos position embedding as in big_vision (posemb_sincos_2d): (grid*grid, dim)."""
+    if dim % 4:
+        raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1))
+    y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega  # (grid*grid, dim/4)
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class ViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, dim=768, depth=12, heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, pool="cls", pos_embed="learn", dropout=0., attn_dropout=0.,
+                 drop_path=0.):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if pool not in ("cls", "mean") or pos_embed not in ("learn", "sincos"):
+            raise ValueError(f"pool must be 'cls' or 'mean' and pos_embed 'learn' or 'sincos', got {pool!r}, "
+                             f"{pos_embed!r}")
+        self.pool, self.num_classes = pool, num_classes
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
+        n_prefix, grid = int(pool == "cls"), img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if n_prefix else None
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.empty(1, n_prefix + grid * grid, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:  # not in the state_dict: a function of the shape, recomputed on load
+            pe = torch.cat([torch.zeros(n_prefix, dim), sincos_pos_embed(grid, dim)])
+            self.register_buffer("pos_embed", pe[None], persistent=False)
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias, dropout, attn_dropout, p)
+                                      for p in [drop_path * i / max(1, depth - 1) for i in range(depth)]])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init)
+        if num_classes > 0:  # a zero head starts every class at the same logit (uniform softmax)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):  # LeCun normal on the patch projection, as torchvision and big_vision
+            nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / m.weight[0].numel()))
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def embed(self, x):
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + h*w, D)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x):
+        return self.norm(self.blocks(self.embed(x)))  # (B, N, D)
+
+    def forward_head(self, x, pre_logits=False):
+        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x):
+        """Softmax attention of every block, (depth, B, heads, N, N), computed explicitly (SDPA returns none)."""
+        x, maps = self.embed(x), []
+        for blk in self.blocks:
+            x, attn = blk(x, return_attn=True)
+            maps.append(attn)
+        return torch.stack(maps)
+
+
+# name: (img_size, patch_size, dim, depth, heads, mlp_ratio) plus fixed extras; create_vit() takes overrides
+PRESETS = {
+    "vit_ti16": dict(img_size=224, patch_size=16, dim=192, depth=12, heads=3),
+    "vit_s16": dict(img_size=224, patch_size=16, dim=384, depth=12, heads=6),
+    "vit_b16": dict(img_size=224, patch_size=16, dim=768, depth=12, heads=12),
+    "vit_l16": dict(img_size=224, patch_size=16, dim=1024, depth=24, heads=16),
+    # small images: a 4x4 patch keeps an 8x8 token grid on 32 px, like 16x16 patches on 128 px
+    "cifar_ti": dict(img_size=32, patch_size=4, num_classes=10, dim=192, depth=6, heads=3),
+    "cifar_s": dict(img_size=32, patch_size=4, num_classes=10, dim=384, depth=7, heads=6),
+    "cifar_cpu": dict(img_size=32, patch_size=4, num_classes=10, dim=128, depth=6, heads=4, mlp_ratio=2.0),
+    "mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dim=128, depth=6, heads=4, mlp_ratio=2.0),
+}
+
+
+def create_vit(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ViT(**{**PRESETS[name], **overrides})
+
+
+def resize_pos_embed(pos_embed, new_grid, num_prefix=1):
+    """(1, P + g*g, D) -> (1, P + G*G, D): bicubic interpolation of the g x g grid, the P prefix rows kept."""
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    g = math.isqrt(grid.shape[1])
+    if g * g != grid.shape[1]:
+        raise ValueError(f"position embedding has {grid.shape[1]} grid rows, not a square grid")
+    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, g*g, D) -> (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)  # (1, D, G, G) -> (1, G*G, D)
+    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
+
+
+def from_torchvision(state_dict):
+    """torchvision.models.VisionTransformer state_dict -> this ViT's (timm) names. Same logits after loading."""
+    if any(k.startswith("heads.pre_logits") for k in state_dict):
+        raise ValueError("torchvision ViTs with a representation layer (heads.pre_logits) are not supported")
+    top = {"conv_proj.weight": "patch_embed.proj.weight", "conv_proj.bias": "patch_embed.proj.bias",
+           "class_token": "cls_token", "encoder.pos_embedding": "pos_embed", "encoder.ln.weight": "norm.weight",
+           "encoder.ln.bias": "norm.bias", "heads.head.weight": "head.weight", "heads.head.bias": "head.bias"}
+    sub = {"ln_1": "norm1", "ln_2": "norm2", "self_attention.in_proj_": "attn.qkv.", "self_attention.out_proj":
+           "attn.proj", "mlp.0": "mlp.fc1", "mlp.3": "mlp.fc2", "mlp.linear_1": "mlp.fc1", "mlp.linear_2": "mlp.fc2"}
+    out = {}
+    for k, v in state_dict.items():
+        if k in top:
+            out[top[k]] = v
+        elif k.startswith("encoder.layers.encoder_layer_"):
+            i, rest = k[len("encoder.layers.encoder_layer_"):].split(".", 1)
+            for a, b in sub.items():
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+                    break
+            out[f"blocks.{i}.{rest}"] = v
+        else:
+            raise ValueError(f"unexpected key in a torchvision ViT state_dict: {k}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+
+def die(msg):
+    """One clear line on stderr and a non-zero exit: the scripts' answer to bad input."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name="auto"):
+    if name == "cuda" and not torch.cuda.is_available():
+        die("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def precision(device):
+    """(autocast context factory, GradScaler, label): bf16 where the GPU has it, else fp16 + loss scaling; CPU fp32
+    (bf16 autocast on CPUs without AMX is far slower than fp32)."""
+    if device.type != "cuda":
+        return nullcontext, torch.amp.GradScaler("cpu", enabled=False), "fp32"
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, str(dtype).split(".")[1]
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):
+    """AdamW; no weight decay on biases, norms, pos_embed and cls_token. Fused kernel on CUDA."""
+    skip = {"pos_embed", "cls_token"}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.split(".")[-1] in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def lr_at(step, total_steps, base_lr, warmup_steps, min_lr=0.0):
+    """Linear warmup to base_lr, then cosine to min_lr: a pure function of the step, so resuming is exact."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast=nullcontext, flip=False):
+    """Sums over (x, y) batches: tensor [loss_sum, top1_correct, top5_correct, count] (float64, on y's device), so
+    shards can be all_reduced before dividing. flip=True averages the logits of the image and its mirror."""
+    was_training, sums = model.training, None
+    model.eval()
+    for x, y in batches:
+        with autocast():
+            logits = model(x).float()
+            if flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        s = torch.stack([F.cross_entropy(logits, y, reduction="sum"), (top5[:, 0] == y).sum(),
+                         (top5 == y[:, None]).any(1).sum(), torch.tensor(len(y), device=y.device)]).double()
+        sums = s if sums is None else sums + s
+    model.train(was_training)
+    return sums
+
+
+def read_image(path, size):
+    """An image file as a float (3, size, size) tensor in [0, 1] (torchvision.io decodes JPEG, PNG, GIF, WEBP)."""
+    from torchvision.io import ImageReadMode, decode_image
+    try:
+        img = decode_image(path, mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:100]}") from None
+    return F.interpolate(img[None].float() / 255, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
+
+
+def print_top5(logits, files, classes):
+    probs = logits.float().softmax(-1)
+    for f, p in zip(files, probs):
+        top = p.topk(min(5, len(classes)))
+        print(f"{f}: " + ", ".join(f"{classes[i]} {100 * v:.1f}%" for v, i in zip(top.values.tolist(), top.indices)))
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(obj, path):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, required=("model",)):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
+                              f"({type(e).__name__})") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of this script")
+    return ckpt
+
+
+def load_weights(model, state_dict, source="checkpoint"):
+    """load_state_dict(strict=True) with a one-line CheckpointError naming what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state_dict)
+
+
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's kill) takes the Ctrl-C path, so the run saves and says how to resume."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def fmt_time(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Logger:
+    """Prints plain lines and appends them to <out_dir>/log.txt; rows go to <out_dir>/log.csv."""
+
+    def __init__(self, out_dir, columns, append=False, enabled=True):
+        self.out_dir, self.columns, self.enabled, self.t0 = out_dir, columns, enabled, time.time()
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            csv_path = os.path.join(out_dir, "log.csv")
+            if not (append and os.path.exists(csv_path)):
+                with open(csv_path, "w", newline="") as f:
+                    csv.writer(f).writerow(columns)
+
+    def __call__(self, msg):
+        if self.enabled:
+            print(msg, flush=True)
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def row(self, **values):
+        if self.enabled:
+            with open(os.path.join(self.out_dir, "log.csv"), "a", newline="") as f:
+                csv.writer(f).writerow([values[c] for c in self.columns])
