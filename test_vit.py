@@ -5,8 +5,14 @@
     python test_vit.py --bench    # training throughput vs torchvision (and timm if installed), FLOP/s vs matmul
     python -m pytest test_vit.py  # pytest collects the same functions (tmp_path is its fixture too)
 """
+import contextlib
+import csv
+import io
+import json
 import math
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import tempfile
@@ -15,32 +21,13 @@ import unittest
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import encode_jpeg, write_png
 
 import common
 from common import ViT, create_vit, from_torchvision, resize_pos_embed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(min(4, os.cpu_count() or 1))
-
-
-def run(script, *args, check=True, timeout=600):
-    """Runs a script of this repo on the CPU; returns the CompletedProcess (text)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
-                       text=True, cwd=HERE, env=env, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout[-2000:]}\n"
-                             f"{p.stderr[-3000:]}")
-    return p
-
-
-def assert_clean_error(p, *words):
-    """A bad input ends with a non-zero exit and a short message, not a traceback."""
-    assert p.returncode != 0, f"expected failure, got exit 0:\n{p.stdout[-1000:]}"
-    assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    msg = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
-    for w in words:
-        assert w.lower() in msg.lower(), f"{w!r} not in the error line {msg!r}"
 
 
 def rel_err(a, b):
@@ -248,6 +235,393 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             assert words in str(e) and "\n" not in str(e), str(e)
         else:
             raise AssertionError(f"no CheckpointError for {words}")
+
+
+# ------------------------------------------------------------------------------------------------- mini_vit.py
+
+MINI_HEADER = 'epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s'
+
+
+def _write_tiny_mnist(root, folder='MNIST', n_train=512, n_test=128):
+    """Real idx files (big-endian magic 2051 images / 2049 labels) holding a learnable toy task that small shifts
+    do not change: class c is one of 10 stripe / checker textures, on noise."""
+    raw = os.path.join(root, folder, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.arange(28), torch.arange(28), indexing='ij')
+    textures = torch.stack([y % 2, y // 2 % 2, x % 2, x // 2 % 2, (x + y) % 2, (x + y) // 2 % 2, (x - y) // 2 % 2,
+                            (x // 2 + y // 2) % 2, torch.ones_like(x), torch.zeros_like(x)]).to(torch.uint8) * 190
+    for split, n in (('train', n_train), ('t10k', n_test)):
+        labels = torch.arange(n) % 10
+        imgs = textures[labels] + torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+        with open(os.path.join(raw, f'{split}-images-idx3-ubyte'), 'wb') as f:
+            f.write(struct.pack('>IIII', 2051, n, 28, 28) + imgs.numpy().tobytes())
+        with open(os.path.join(raw, f'{split}-labels-idx1-ubyte'), 'wb') as f:
+            f.write(struct.pack('>II', 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+
+
+def _run_mini(*args, env=None):
+    return subprocess.run([sys.executable, 'mini_vit.py', *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def _env():
+    # an unreachable proxy makes every download fail at once, online or not; one thread: tiny models gain nothing
+    # from more, and a busy machine makes thread barriers very slow
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ('no_proxy', 'http_proxy', 'https_proxy')}
+    env.update(http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9', OMP_NUM_THREADS='1')
+    return env
+
+
+def test_mini_short_run(tmp_path):
+    _write_tiny_mnist(str(tmp_path))
+    out = tmp_path / 'out'
+    r = _run_mini('--data-dir', str(tmp_path), '--out-dir', str(out), '--epochs', '3', '--batch-size', '16',
+                  '--dim', '32', '--depth', '2', '--heads', '2', '--patch-size', '7', '--lr', '1e-2',
+                  '--warmup', '0.5', '--device', 'cpu', env=_env())
+    assert r.returncode == 0, r.stderr
+    with open(out / 'log.csv') as f:
+        assert f.readline().strip() == MINI_HEADER
+    with open(out / 'log.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row['epoch']) for row in rows] == [1, 2, 3]
+    assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss']) - 0.3, rows
+    assert float(rows[-1]['test_acc']) > 50, rows
+    assert 'test_acc' in r.stdout and 'img/s' in r.stdout and 'eta' in r.stdout
+    ckpt = torch.load(out / 'model.pt', weights_only=True)
+    assert ckpt['args']['dim'] == 32 and 'head.weight' in ckpt['model'] and 'blocks.1.attn.qkv.weight' in ckpt['model']
+    assert not os.path.exists(str(out / 'model.pt.tmp'))
+    # a second run into the same folder refuses to clobber it (in-process: it stops before loading data)
+    sys.path.insert(0, HERE)
+    import mini_vit
+    try:
+        mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(out), '--device', 'cpu'])
+        msg = None
+    except SystemExit as e:
+        msg = str(e.code)
+    assert msg is not None and msg.startswith('error:') and '--overwrite' in msg
+
+
+def test_mini_state_dict_parity_with_common(tmp_path):
+    sys.path.insert(0, HERE)
+    import common
+    import mini_vit
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 28, 28)
+    for pool, patch in (('cls', 4), ('mean', 7)):
+        mini = mini_vit.ViT(patch_size=patch, dim=48, depth=2, heads=3, mlp_ratio=2.0, pool=pool)
+        with torch.no_grad():  # head is zero-initialised: perturb everything so the logits mean something
+            for p in mini.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        path = tmp_path / f'{pool}.pt'
+        torch.save(mini.state_dict(), path)
+        ref = common.ViT(img_size=28, patch_size=patch, in_chans=1, num_classes=10, dim=48, depth=2, heads=3,
+                         mlp_ratio=2.0, pool=pool, pos_embed='learn')
+        ref.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        mini.eval(), ref.eval()
+        with torch.no_grad():
+            a, b = mini(x), ref(x)
+        assert a.shape == (5, 10) and a.abs().max() > 1e-3
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+
+
+def test_mini_missing_dataset_offline(tmp_path):
+    r = _run_mini('--dataset', 'fashion', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'out'),
+                  '--device', 'cpu', env=_env())
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert os.path.join(str(tmp_path), 'FashionMNIST', 'raw') in lines[0] and 'train-images-idx3-ubyte' in lines[0]
+    assert not os.path.exists(str(tmp_path / 'out' / 'log.csv'))
+
+
+def test_mini_bad_flags(tmp_path):
+    # the script once end to end, then get_args in-process: each subprocess pays the torch import
+    r = _run_mini('--patch-size', '5', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'out'), env=_env())
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and '--patch-size 5' in r.stderr.splitlines()[-1]
+    sys.path.insert(0, HERE)
+    import mini_vit
+    bad = [(['--batch-size', '0'], 'batch-size'), (['--epochs', '-1'], 'epochs'), (['--dim', '30', '--heads', '4'],
+           'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing')]
+    if not torch.cuda.is_available():
+        bad.append((['--device', 'cuda'], 'CUDA'))
+    for flags, word in bad:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                mini_vit.get_args(flags)
+                code = None
+            except SystemExit as e:
+                code = e.code
+        assert code == 2 and 'error' in err.getvalue() and word in err.getvalue().splitlines()[-1], (flags, err)
+
+
+# ------------------------------------------------------------------------------------------------ vit_cifar.py
+
+CIFAR_TINY = ["--device", "cpu", "--model", "cifar_cpu", "--dim", "32", "--depth", "2", "--heads", "2",
+              "--batch-size", "32", "--lr", "5e-3", "--warmup", "0.2", "--log-every", "2", "--threads", "1"]
+
+# crop and flip only: learns in 20 steps
+CIFAR_LIGHT = ["--policy", "none", "--mixup", "0", "--cutmix", "0", "--erase", "0"]
+
+
+def write_cifar10(root, n_train=320, n_test=100, seed=0):
+    """The python-version layout: 5 pickled train batches, a test batch, batches.meta. Each class has its own mean
+    colour, so a tiny model learns it within two epochs."""
+    import numpy as np
+    d = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def batch(n):
+        y = rng.integers(0, 10, n)
+        x = np.clip((y[:, None] * 25 + 10) + rng.normal(0, 10, (n, 3072)), 0, 255).astype(np.uint8)
+        return {"data": x, "labels": y.tolist()}
+
+    for i in range(5):
+        with open(os.path.join(d, f"data_batch_{i + 1}"), "wb") as f:
+            pickle.dump(batch(n_train // 5), f)
+    with open(os.path.join(d, "test_batch"), "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(os.path.join(d, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    return str(root)
+
+
+def run_cifar(*args, ok=True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, os.path.join(HERE, "vit_cifar.py"), *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def check_error(p, *words):
+    """A clear failure: non-zero exit, one 'error:' line naming the problem, no traceback."""
+    assert p.returncode != 0, p.stdout[-1000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines and "error" in lines[-1], p.stderr
+    for w in words:
+        assert w in lines[-1], (w, lines[-1])
+
+
+def test_cifar_train_files_eval_predict(tmp_path):
+    data, out = write_cifar10(tmp_path / "data"), tmp_path / "out"
+    run_cifar("--data-dir", data, "--out-dir", out, "--epochs", 2, *CIFAR_TINY, *CIFAR_LIGHT)
+    for f in ("ckpt.pt", "log.csv", "log.txt", "args.json", "attention.png"):
+        assert (out / f).is_file(), f
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "train_loss", "test_loss", "test_acc", "lr", "img_per_s", "elapsed_s"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[1]["test_acc"]) > 20  # 10 classes: chance is 10%
+    log = (out / "log.txt").read_text()
+    assert "img/s" in log and "eta" in log and "final model with test-time flip" in log
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["batch"] == 0 and ck["step"] == 20 and ck["ema"] is not None
+    # a fresh run into the same out-dir must not clobber it
+    check_error(run_cifar("--data-dir", data, "--out-dir", out, "--epochs", 2, *CIFAR_TINY, ok=False), "--resume")
+    p = run_cifar("--eval-only", "--resume", out / "ckpt.pt", "--data-dir", data)
+    assert "model | test loss" in p.stdout and "ema | test loss" in p.stdout, p.stdout
+    from torchvision.io import write_png
+    img = tmp_path / "red.png"
+    write_png(torch.tensor([200, 30, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 20, 24).contiguous(), str(img))
+    p = run_cifar("--predict", img, "--out-dir", out)  # the default checkpoint is <out-dir>/ckpt.pt
+    assert p.stdout.startswith(f"{img}: ") and p.stdout.count("%") == 5, p.stdout
+    check_error(run_cifar("--predict", tmp_path / "nope.png", "--out-dir", out, ok=False), "nope.png")
+
+
+def test_cifar_exact_resume_after_sigterm(tmp_path):
+    """--epochs 2 straight == the same run killed (SIGTERM, at step 15 of 20) in epoch 2 and resumed."""
+    data = write_cifar10(tmp_path / "data")
+    # the default augmentation: policy, MixUp/CutMix, erasing; EMA
+    base = ["--data-dir", data, "--epochs", 2, *CIFAR_TINY, "--drop-path", "0.1"]
+    run_cifar(*base, "--out-dir", tmp_path / "a")
+    p = run_cifar(*base, "--out-dir", tmp_path / "b", "--interrupt-at", 15, ok=False)
+    assert p.returncode == 130 and "resume with: python" in p.stdout and "--interrupt-at" not in p.stdout.split(
+        "resume with:")[1], p.stdout + p.stderr
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 15
+    run_cifar(*base, "--out-dir", tmp_path / "b", "--resume", tmp_path / "b" / "ckpt.pt")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    for k in ("model", "ema"):
+        assert a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+    assert a["step"] == b["step"] == 20
+    with open(tmp_path / "b" / "log.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_cifar_clear_errors(tmp_path):
+    data, out = write_cifar10(tmp_path / "data", n_train=80, n_test=20), tmp_path / "out"
+    base = ["--data-dir", data, "--out-dir", out, "--epochs", 1, *CIFAR_TINY]
+    sys.path.insert(0, HERE)
+    import vit_cifar  # the flag checks in-process: they run before anything else
+    for flags, word in ((["--batch-size", "0"], "--batch-size"), (["--patch", "5"], "--patch 5"),
+                        (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                vit_cifar.get_args(["--data-dir", data, *flags])
+                raise AssertionError(f"{flags} accepted")
+            except SystemExit as e:
+                assert e.code == 2
+        assert word in err.getvalue().splitlines()[-1], err.getvalue()
+    check_error(run_cifar(*base, "--heads", 3, ok=False), "heads")  # dim 32 is not divisible by 3 heads
+    check_error(run_cifar(*base, "--batch-size", 500, ok=False), "--batch-size 500")
+    # missing data: torchvision tries to download, which fails offline (or, here, is made to fail)
+    env_off = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    p = subprocess.run([sys.executable, os.path.join(HERE, "vit_cifar.py"), "--data-dir", str(tmp_path / "empty"),
+                        "--out-dir", str(out), "--epochs", "1", *CIFAR_TINY], capture_output=True, text=True,
+                       env=env_off,
+                       timeout=300)
+    check_error(p, "cifar-10-batches-py", "data_batch_1")
+    # a truncated batch
+    with open(os.path.join(data, "cifar-10-batches-py", "data_batch_3"), "r+b") as f:
+        f.truncate(1000)
+    check_error(run_cifar(*base, ok=False), "data_batch_3")
+    # wrong-shape images in a batch
+    with open(os.path.join(data, "cifar-10-batches-py", "data_batch_3"), "wb") as f:
+        pickle.dump({"data": torch.zeros(16, 1024, dtype=torch.uint8).numpy(), "labels": [0] * 16}, f)
+    check_error(run_cifar(*base, ok=False), "data_batch_3")
+    # corrupt and mismatched checkpoints
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    check_error(run_cifar("--eval-only", "--resume", bad, ok=False), "bad.pt")
+    check_error(run_cifar("--resume", tmp_path / "missing.pt", ok=False), "missing.pt")
+    torch.save({"model": {"w": torch.zeros(1)}, "args": {}, "classes": ["a"]}, bad)
+    check_error(run_cifar("--eval-only", "--resume", bad, "--data-dir", data, ok=False), "does not fit")
+
+
+# --------------------------------------------------------------------------------------------- vit_imagenet.py
+
+IMAGENET = os.path.join(HERE, "vit_imagenet.py")
+IMNET_TINY = ["--model", "cifar_cpu", "--depth", "2", "--img-size", "32", "--batch-size", "8", "--warmup", "2",
+        "--device", "cpu", "--crop-pct", "1", "--log-every", "1000"]
+# one thread per process: faster on 2 shared cores, as under torchrun
+IMNET_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _imagenet_tree(root, tiny=False, classes=3, n_train=8, n_val=4, size=32):
+    """ImageFolder tree (train/<c>/, val/<c>/; PNG and JPEG) or the TinyImageNet-200 layout (train/<wnid>/images/,
+    val/images/ + val/val_annotations.txt). Class c has a bright channel c: learnable in a few steps."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            wnid = f"n0{c}"
+            if tiny:
+                d = os.path.join(root, "train", wnid, "images") if split == "train" else \
+                    os.path.join(root, split, "images")
+            else:
+                d = os.path.join(root, split, wnid)
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                img = (torch.rand(3, size, size, generator=g) * 80).to(torch.uint8)
+                img[c] += 150
+                name = f"{wnid}_{split}_{i}.JPEG" if tiny or i % 2 else f"{wnid}_{split}_{i}.png"
+                if name.endswith(".png"):
+                    write_png(img, os.path.join(d, name))
+                else:
+                    with open(os.path.join(d, name), "wb") as f:
+                        f.write(encode_jpeg(img, quality=95).numpy().tobytes())
+                if tiny and split == "val":
+                    with open(os.path.join(root, "val", "val_annotations.txt"), "a") as f:
+                        f.write(f"{name}\t{wnid}\t0\t0\t{size - 1}\t{size - 1}\n")
+    return root
+
+
+def _run(*args, procs=1, ok=True):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    r = subprocess.run([sys.executable, *launcher, IMAGENET, *map(str, args)], capture_output=True, text=True,
+                       env=IMNET_ENV, timeout=300)
+    if ok:
+        assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
+    return r
+
+
+def _rows(out):
+    with open(os.path.join(out, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
+    data = _imagenet_tree(str(tmp_path / "data"))
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    base = ["--data-dir", data, "--epochs", 3, "--mixup", 0, *IMNET_TINY]  # global batch 8; RandAugment, crops stay on
+    _run(*base, "--out-dir", a, "--workers", 1)
+    rows = _rows(a)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[-1]["test_loss"]) < float(rows[0]["test_loss"]) < 1.0986  # below ln 3: it learns
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # stopped in the middle of epoch 2 (as Ctrl-C does), resumed with other worker counts: the straight run's weights
+    r = _run(*base, "--out-dir", b, "--workers", 0, "--stop-after", 4)
+    assert "--resume" in r.stdout and len(_rows(b)) == 1
+    _run("--resume", b / "ckpt.pt", "--workers", 2)
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+    assert ca["step"] == cb["step"] == 9 and ca["epoch"] == cb["epoch"] == 3
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert [r["train_loss"] for r in _rows(b)] == [r["train_loss"] for r in rows]
+    # 2 processes (torchrun, gloo) x 2 accumulated micro-batches x 2 images: the losses of 1 process x 8 images
+    _run(*base, "--out-dir", c, "--workers", 0, "--accum-steps", 2, procs=2)
+    for r0, r in zip(rows, _rows(c), strict=True):
+        for k in ("train_loss", "test_loss"):
+            assert abs(float(r[k]) - float(r0[k])) <= 1e-4 * float(r0[k]), (k, r, r0)
+    # eval-only reproduces the last epoch's numbers; predict names the top classes
+    r = _run("--resume", a / "ckpt.pt", "--eval-only", "--workers", 0)
+    assert f"top1 {float(rows[-1]['test_acc']):.2f}%" in r.stdout and f"{float(rows[-1]['test_loss']):.4f}" in r.stdout
+    files = [os.path.join(data, "val", "n02", f) for f in sorted(os.listdir(os.path.join(data, "val", "n02")))[:2]]
+    lines = _run("--resume", a / "ckpt.pt", "--predict", *files).stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f + ": n02 ") for line, f in zip(lines, files)), lines
+
+
+def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
+    data = _imagenet_tree(str(tmp_path / "tiny"), tiny=True)
+    with open(os.path.join(data, "train", "n01", "images", "n01_train_0.JPEG"), "wb") as f:
+        f.write(b"not a jpeg")  # one unreadable image: skipped and counted
+    r = _run("--data-dir", data, "--out-dir", tmp_path / "o", "--epochs", 1, "--workers", 1, "--cutmix", 1,
+             "--ema", 0.9, *IMNET_TINY)
+    assert "24 train / 12 val images, 3 classes" in r.stdout and "skipped 1 unreadable" in r.stdout
+    assert "ema top1" in r.stdout and len(_rows(tmp_path / "o")) == 1
+
+
+def test_imagenet_clear_errors(tmp_path):
+    """Each case: exit code 2, one line on stderr, no traceback. One subprocess runs them all (one torch import)."""
+    empty_class, bad_images = (_imagenet_tree(str(tmp_path / d), n_val=1) for d in ("d1", "d2"))
+    os.makedirs(os.path.join(empty_class, "train", "n09"))  # a class folder without images
+    for cls in ("n00", "n01"):  # 16 of 24 training images unreadable
+        for name in os.listdir(os.path.join(bad_images, "train", cls)):
+            with open(os.path.join(bad_images, "train", cls, name), "wb") as f:
+                f.write(b"junk")
+    os.makedirs(tmp_path / "o")
+    (tmp_path / "o" / "ckpt.pt").write_bytes(b"truncated")
+    cases = {"train/": ["--data-dir", str(tmp_path)],  # no train/ folder
+             # a checkpoint is not overwritten
+             "--resume": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "o")],
+             "corrupt": ["--resume", str(tmp_path / "o" / "ckpt.pt"), "--eval-only"],
+             "n09": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "p")],
+             "unreadable": ["--data-dir", bad_images, "--out-dir", str(tmp_path / "p"), "--workers", "0"],
+             "divisible": ["--data-dir", bad_images, "--batch-size", "6", "--accum-steps", "4"]}
+    driver = ("import contextlib, io, json, sys\n"
+              f"sys.path.insert(0, {HERE!r})\n"
+              "import vit_imagenet\n"
+              "out = []\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    sys.argv, err, code = ['vit_imagenet.py'] + argv, io.StringIO(), 0\n"
+              "    with contextlib.redirect_stderr(err):\n"
+              "        try:\n"
+              "            vit_imagenet.main()\n"
+              "        except SystemExit as e:\n"
+              "            code = e.code\n"
+              "    out.append([code, err.getvalue()])\n"
+              "print(json.dumps(out))\n")
+    r = subprocess.run([sys.executable, "-c", driver, json.dumps([IMNET_TINY + v for v in cases.values()])],
+                       capture_output=True, text=True, env=IMNET_ENV, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (message, argv), (code, err) in zip(cases.items(), json.loads(r.stdout.strip().splitlines()[-1])):
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark

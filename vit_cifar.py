@@ -1,0 +1,410 @@
+"""vit_cifar.py: a plain ViT trained from scratch on CIFAR-10 / CIFAR-100. The dataset lives on the device as uint8;
+crop, flip, a per-sample TrivialAugment-style policy, random erasing and MixUp/CutMix run there in batches.
+
+    python vit_cifar.py --epochs 100                           # GPU: cifar_s, bf16 autocast
+    python vit_cifar.py --dataset cifar100 --compile
+    python vit_cifar.py --resume runs/cifar10/ckpt.pt          # continue exactly where a run stopped
+    python vit_cifar.py --eval-only --resume runs/cifar10/ckpt.pt
+    python vit_cifar.py --predict cat.jpg dog.png --resume runs/cifar10/ckpt.pt
+
+GPU (one H100: default recipe, --epochs 100, CIFAR-100, img/s, share of the bf16 ceiling): not yet measured.
+CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 shared with other jobs, torch 2.14.1):
+    OMP_WAIT_POLICY=PASSIVE python vit_cifar.py --device cpu --model cifar_cpu --pool mean --pos-embed sincos \
+        --epochs 4 --batch-size 64 --lr 1.5e-3 --warmup 0.25 --policy none --mixup 0 --cutmix 0 --erase 0 \
+        --drop-path 0 --ema 0 --data-dir DATA
+    -> 58.41% test accuracy (59.35% with test-time flip) in 36m54s wall, 93-114 img/s; augmentation 0.6% of a step.
+    Short of 70% in 30 minutes. PASSIVE: with OpenMP's default spinning, a second busy process makes 2 threads
+    ~5x slower (21 vs 117 img/s measured here).
+Augmentation cost on that CPU, full default policy (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
+cifar_cpu step, 0.2% of a cifar_s step (batch 128).
+"""
+import argparse
+import contextlib
+import csv
+import json
+import os
+import pickle
+import shlex
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms import v2
+from torchvision.utils import save_image
+
+import common as C
+
+DATASETS = {  # dir, train files, test file, label key, meta file, class-name key, mean, std
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels",
+                "batches.meta", "label_names", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names",
+                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+CONTROL = ("resume", "ckpt", "eval_only", "predict", "interrupt_at", "device", "threads", "compile", "out_dir")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="cifar10", choices=list(DATASETS), help="which CIFAR")
+    a("--data-dir", default="./data", help="holds cifar-10-batches-py/ or cifar-100-python/ (downloaded if missing)")
+    a("--out-dir", default=None, help="ckpt.pt, logs, pictures (default: runs/<dataset>, or the --resume ckpt's dir)")
+    a("--epochs", type=int, default=200, help="the run's total number of epochs (also when resuming)")
+    a("--batch-size", type=int, default=512, help="training batch size")
+    a("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    a("--weight-decay", type=float, default=0.05, help="AdamW decay of weight matrices")
+    a("--warmup", type=float, default=5, help="linear warmup epochs, then cosine to 0 per step")
+    a("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    a("--policy", default="trivial", choices=["trivial", "none"], help="per-sample TrivialAugment-style ops or none")
+    a("--mixup", type=float, default=0.8, help="MixUp Beta alpha (0: off); MixUp or CutMix picked per batch")
+    a("--cutmix", type=float, default=1.0, help="CutMix Beta alpha (0: off)")
+    a("--erase", type=float, default=0.25, help="random erasing probability per image")
+    a("--ema", type=float, default=0.999, help="EMA decay per step of the weights' average (0: no EMA)")
+    a("--model", default="cifar_s", choices=[k for k in C.PRESETS if k.startswith("cifar")], help="common.py preset")
+    for f, t in [("patch", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)]:
+        a(f"--{f}", type=t, default=None, help="override the preset's value")
+    a("--pool", default="cls", choices=["cls", "mean"], help="class token or mean of the patch tokens")
+    a("--pos-embed", default="learn", choices=["learn", "sincos"], help="learned or fixed 2-D sin-cos")
+    a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--seed", type=int, default=0, help="seeds the model init, data order and augmentation")
+    a("--compile", action="store_true", help="torch.compile the training model")
+    a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint (its args, unless given again)")
+    a("--eval-only", action="store_true", help="evaluate --resume CKPT (default <out-dir>/ckpt.pt) and exit")
+    a("--predict", nargs="+", default=None, metavar="FILE", help="print top-5 classes of image files and exit")
+    a("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (and always at the end)")
+    a("--log-every", type=int, default=50, help="progress line every N steps")
+    a("--interrupt-at", type=int, default=0, help="testing aid: send SIGTERM to itself at this global step (0: off)")
+    args = p.parse_args(argv)
+    args.ckpt = args.resume or (os.path.join(args.out_dir or os.path.join("runs", args.dataset), "ckpt.pt")
+                                if args.eval_only or args.predict else None)
+    if args.ckpt:  # the checkpoint's args, overridden by those given again on this command line
+        for act in p._actions:
+            act.default = argparse.SUPPRESS
+        given, saved = vars(p.parse_args(argv)), load_ckpt(args.ckpt)["args"]
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in CONTROL}, **given})
+        args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
+    for name in ("epochs", "batch_size", "eval_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.patch is not None and (args.patch < 1 or 32 % args.patch):
+        p.error(f"--patch {args.patch} does not divide the 32 px image (use 1, 2, 4, 8, 16 or 32)")
+    if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.ema < 1 or not 0 <= args.erase <= 1:
+        p.error("need --lr > 0, --weight-decay >= 0, 0 <= --ema < 1, 0 <= --erase <= 1")
+    return args
+
+
+def load_ckpt(path):
+    try:
+        return C.load_checkpoint(path, required=("model", "args", "classes"))
+    except C.CheckpointError as e:
+        C.die(str(e))
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def load_cifar(name, root):
+    """{'train': (uint8 (N, 3, 32, 32), int64 (N,)), 'test': ...} and the class names, from the python batches."""
+    sub, train, test, key, meta, names_key = DATASETS[name][:6]
+    d = os.path.join(root, sub)
+    if not all(os.path.isfile(os.path.join(d, f)) for f in train + [test, meta]):
+        try:
+            import torchvision.datasets as tvd
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # no progress bar
+                (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(root, download=True)
+        except Exception as e:
+            C.die(f"{name} is not in {d} and downloading it failed ({type(e).__name__}): put the python-version "
+                  f"batches ({', '.join(train + [test, meta])}) in {d}")
+    out = {}
+    for f in [meta] + train + [test]:
+        try:
+            with open(os.path.join(d, f), "rb") as fh:
+                b = pickle.load(fh, encoding="latin1")
+            if f == meta:
+                classes = list(b[names_key])
+                continue
+            x, y = torch.as_tensor(b["data"], dtype=torch.uint8), torch.as_tensor(b[key], dtype=torch.long)
+            if x.ndim != 2 or x.shape[1] != 3072 or y.shape != x.shape[:1] or y.min() < 0 or y.max() >= len(classes):
+                raise ValueError(f"images {tuple(x.shape)}, labels {tuple(y.shape)} in {y.min()}..{y.max()}")
+        except Exception as e:
+            C.die(f"{os.path.join(d, f)} is truncated or not a CIFAR batch of (N, 3072) uint8 images and N labels "
+                  f"< {len(classes) if f != meta else '?'} ({type(e).__name__}: {str(e)[:80]})")
+        split = "test" if f == test else "train"
+        xs, ys = out.get(split, ([], []))
+        out[split] = xs + [x.view(-1, 3, 32, 32)], ys + [y]  # rows are R, G, B planes of 32x32
+    return {k: (torch.cat(xs), torch.cat(ys)) for k, (xs, ys) in out.items()}, classes
+
+
+def augment(x, gen, args, mean):
+    """uint8 (B, 3, 32, 32) -> float in [0, 1]. Each sample draws its own crop offset, flip, policy op and magnitude.
+    (torchvision's v2.TrivialAugmentWide draws one op per call, i.e. per batch, so the ops are written here.)"""
+    B, dev = x.shape[0], x.device
+    r = lambda *s: torch.rand(*s, generator=gen, device=dev)
+    x = x.float() / 255
+    trivial = args.policy == "trivial"
+    op = torch.randint(0, 13, (B,), generator=gen, device=dev) if trivial else torch.zeros(B, device=dev)
+    mag = r(B) * torch.where(r(B) < 0.5, -1.0, 1.0)  # signed magnitude in (-1, 1), TrivialAugment-Wide ranges below
+    # the padded crop, the flip and the geometric ops as one affine map per sample: (B, 2, 3) in [-1, 1] units
+    shift = torch.randint(-4, 5, (B, 2), generator=gen, device=dev) * 2 / 32  # pad 4 + crop 32
+    flip = torch.where(r(B) < 0.5, -1.0, 1.0)
+    c, s = ((op == 5) * mag * 0.52).cos(), ((op == 5) * mag * 0.52).sin()  # rotate <= 30 degrees
+    sx, sy = (op == 1) * mag * 0.3, (op == 2) * mag * 0.3  # shear <= 0.3
+    move = shift + torch.stack([(op == 3) * mag, (op == 4) * mag], 1) * 0.5  # translate <= 8 px
+    lin = torch.stack([(c - s * sy) * flip, c * sx - s, (s + c * sy) * flip, s * sx + c], 1)  # rot @ shear @ flip
+    theta = torch.cat([lin.view(B, 2, 2), move[:, :, None]], 2)
+    grid = F.affine_grid(theta, (B, 3, 32, 32), align_corners=False)
+    x = F.grid_sample(x, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    if trivial:  # colour ops as blends with a degenerate image, factor 1 + 0.9 * mag
+        f = (1 + 0.9 * mag).view(B, 1, 1, 1)
+        gray = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]  # no new tensors: a CUDA copy would sync
+        blur = (F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1) * 9 + 4 * x) / 13  # PIL's SMOOTH
+        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+        bits = (8 - (mag.abs() * 6).round()).view(B, 1, 1, 1)  # posterize to 2..8 bits
+        cands = [x * f, gray + f * (x - gray), gray.mean((2, 3), keepdim=True) * (1 - f) + f * x, blur + f * (x - blur),
+                 torch.floor(x * 255 / 2 ** (8 - bits)) * 2 ** (8 - bits) / 255,
+                 torch.where(x >= 1 - mag.abs().view(B, 1, 1, 1), 1 - x, x),  # solarize
+                 (x - lo) / (hi - lo).clamp_min(1e-3)]  # autocontrast
+        for i, c in enumerate(cands):  # ops 6..12; 0 is identity, 1..5 were geometric
+            x = torch.where((op == 6 + i).view(B, 1, 1, 1), c, x)
+        x = x.clamp(0, 1)
+    if args.erase > 0:  # random erasing: a rectangle of 2-33% of the area, aspect 0.3-3.3, set to the mean colour
+        area, logr = (0.02 + 0.31 * r(B)) * 1024, (r(B) * 2 - 1) * 1.2
+        h, w = (area * logr.exp()).sqrt().clamp(1, 32), (area / logr.exp()).sqrt().clamp(1, 32)
+        y0, x0 = r(B) * (32 - h), r(B) * (32 - w)
+        ar = torch.arange(32, device=dev)
+        box = ((ar >= y0[:, None]) & (ar < (y0 + h)[:, None]))[:, :, None] & \
+              ((ar >= x0[:, None]) & (ar < (x0 + w)[:, None]))[:, None, :]  # (B, 32, 32)
+        x = torch.where((box & (r(B) < args.erase)[:, None, None])[:, None], mean.view(1, 3, 1, 1), x)
+    return x
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+def build_model(args, num_classes):
+    over = {k: v for k, v in dict(patch_size=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
+                                  mlp_ratio=args.mlp_ratio).items() if v is not None}
+    try:
+        return C.create_vit(args.model, num_classes=num_classes, pool=args.pool, pos_embed=args.pos_embed,
+                            drop_path=args.drop_path, **over)
+    except ValueError as e:
+        C.die(f"bad model flags: {e}")
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM: stop after the current step and save an exact checkpoint; a second one stops at once."""
+
+    def __init__(self):
+        self.set = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self)
+
+    def __call__(self, *_):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("interrupt: stopping after this step (again to stop at once)", flush=True)
+
+
+def resume_cmd(ckpt_path):
+    argv, it = [], iter(sys.argv[1:])
+    for a in it:
+        if a in ("--resume", "--interrupt-at"):
+            next(it, None)
+        elif not a.startswith(("--resume=", "--interrupt-at=")):
+            argv.append(a)
+    return shlex.join(["python", sys.argv[0], *argv, "--resume", ckpt_path])
+
+
+def plot_curves(csv_path, png_path):
+    """Loss and accuracy per epoch from log.csv, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib not installed: skipped curves.png")
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["test_acc"]]
+    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(col("epoch"), col("train_loss"), label="train")
+    ax1.plot(col("epoch"), col("test_loss"), label="test")
+    ax2.plot(col("epoch"), col("test_acc"))
+    ax1.set(xlabel="epoch", title="loss"), ax2.set(xlabel="epoch", title="test accuracy %"), ax1.legend()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def save_attention(model, x, norm, path):
+    """8 test images beside the last block's attention (class token's, or mean over queries), heads averaged."""
+    a = model.attention_maps(norm(x))[-1].mean(1)  # (B, N, N)
+    a = a[:, 0, 1:] if model.pool == "cls" else a.mean(1)  # (B, g*g)
+    g = int(a.shape[1] ** 0.5)
+    a = a.view(-1, 1, g, g)
+    a = (a - a.amin((2, 3), keepdim=True)) / (a.amax((2, 3), keepdim=True) - a.amin((2, 3), keepdim=True) + 1e-8)
+    a = F.interpolate(a, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    tiles = torch.stack([x, a, x * (0.25 + 0.75 * a)], 1).flatten(0, 1)  # (B, 3, C, H, W) -> (3B, C, H, W)
+    save_image(F.interpolate(tiles, scale_factor=3, mode="nearest"), path, nrow=6, padding=2, pad_value=1.0)
+
+# ------------------------------------------------------------------------------------------------------------ main
+COLUMNS = ["epoch", "train_loss", "test_loss", "test_acc", "lr", "img_per_s", "elapsed_s"]
+
+
+def main():
+    args = get_args()
+    device = C.pick_device(args.device)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cuda = device.type == "cuda"
+    tick = lambda: (torch.cuda.synchronize() if cuda else None, time.perf_counter())[1]  # noqa: E731
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in DATASETS[args.dataset][6:])
+    norm = lambda x: (x - mean) / std  # noqa: E731
+    autocast, scaler, prec = C.precision(device)
+    ckpt_path, ck = os.path.join(args.out_dir, "ckpt.pt"), load_ckpt(args.ckpt) if args.ckpt else None
+    if args.eval_only or args.predict:  # the raw and the EMA weights of the checkpoint
+        models = {k: build_model(args, len(ck["classes"])).to(device).eval() for k in ("model", "ema") if ck.get(k)}
+        try:
+            for k, m in models.items():
+                C.load_weights(m, ck[k], f"checkpoint's {k}")
+            x = torch.stack([C.read_image(f, 32) for f in args.predict or []] or [torch.zeros(3, 32, 32)])
+        except (C.CheckpointError, ValueError) as e:
+            C.die(str(e))
+        if args.predict:  # EMA weights when there are, test-time flip
+            m, x = models.get("ema", models["model"]), norm(x.to(device))
+            with torch.no_grad(), autocast():
+                return C.print_top5((m(x).float() + m(x.flip(-1)).float()) / 2, args.predict, ck["classes"])
+    data, classes = load_cifar(args.dataset, args.data_dir)
+    (xtr, ytr), (xte, yte) = [(x.to(device), y.to(device)) for x, y in (data["train"], data["test"])]
+
+    def test(m, flip=False):  # (loss, top-1 %)
+        s = C.evaluate(m, ((norm(xte[i:i + 1000].float() / 255), yte[i:i + 1000]) for i in range(0, len(xte), 1000)),
+                       autocast, flip).tolist()
+        return s[0] / s[3], 100 * s[1] / s[3]
+
+    if args.eval_only:
+        for k, m in models.items():
+            (lo, ac), (lf, af) = test(m), test(m, flip=True)
+            print(f"{k} | test loss {lo:.4f} acc {ac:.2f}% | with flip: loss {lf:.4f} acc {af:.2f}%")
+        return
+    n, bs = len(xtr), args.batch_size
+    spe = n // bs  # steps per epoch; the last partial batch is dropped
+    if spe == 0:
+        C.die(f"--batch-size {bs} is larger than the {n} training images")
+    total, warm = args.epochs * spe, round(args.warmup * spe)
+    C.seed_everything(args.seed)
+    raw = build_model(args, len(classes)).to(device)
+    opt = C.make_optimizer(raw, args.lr, args.weight_decay)
+    ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    gen = torch.Generator(device)  # data order and augmentation draws; the global RNG drives mixing and drop-path
+    gen.manual_seed(args.seed)
+    epoch, batch, step, perm, sums, elapsed = 0, 0, 0, None, [0.0, 0], 0.0
+    if ck:
+        try:
+            C.load_weights(raw, ck["model"])
+            if ema is not None:
+                C.load_weights(ema.module, ck.get("ema") or {}, "checkpoint's EMA (resume with --ema 0 if it has none)")
+                ema.n_averaged.fill_(ck["ema_n"])
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            torch.set_rng_state(ck["rng"]["cpu"])
+            gen.set_state(ck["rng"]["gen"])
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"]) if cuda and ck["rng"]["cuda"] else None
+            epoch, batch, step, perm, sums, elapsed = (ck[k] for k in ("epoch", "batch", "step", "perm", "sums",
+                                                                       "elapsed"))
+        except (C.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
+            C.die(f"cannot resume from {args.ckpt}: {str(e).splitlines()[0][:200]}")
+    elif os.path.exists(ckpt_path):
+        C.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick another --out-dir")
+    model = torch.compile(raw) if args.compile else raw  # checkpoints and EMA use the unwrapped raw module
+    mix = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
+    mix = v2.RandomChoice(mix) if mix else None
+    log = C.Logger(args.out_dir, COLUMNS, append=bool(ck))
+    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    stop, t_start = StopFlag(), time.time() - elapsed
+
+    def save(epoch, batch):  # everything to continue bit-exactly from step `step`
+        rng = dict(cpu=torch.get_rng_state(), gen=gen.get_state(), cuda=torch.cuda.get_rng_state_all() if cuda else [])
+        C.save_checkpoint(dict(model=raw.state_dict(), ema=ema.module.state_dict() if ema else None,
+                               ema_n=int(ema.n_averaged) if ema else 0, optimizer=opt.state_dict(), rng=rng,
+                               scaler=scaler.state_dict(), epoch=epoch, batch=batch, step=step, sums=sums,
+                               perm=perm.cpu() if batch else None, elapsed=time.time() - t_start,
+                               args=vars(args), classes=classes), ckpt_path)
+
+    log(f"{args.dataset}: {n} train / {len(xte)} test images on {device} ({prec}) | {args.model} "
+        f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | {spe} steps/epoch | from step {step}")
+    try:
+        for epoch in range(epoch, args.epochs):
+            if batch == 0:
+                perm, sums = torch.randperm(n, generator=gen, device=device), [0.0, 0]
+            perm, t_ep, b0, run_loss, aug_t, step_t = perm.to(device), time.time(), batch, 0.0, 0.0, 0.0
+            t_log, s_log = time.time(), step
+            for batch in range(batch, spe):
+                timed = not cuda or (step + 1) % args.log_every == 0  # on CUDA a sync only on a log step
+                t0 = tick() if timed else 0
+                idx = perm[batch * bs:(batch + 1) * bs]
+                x, y = norm(augment(xtr[idx], gen, args, mean)), ytr[idx]
+                x, y = mix(x, y) if mix else (x, y)  # y: (B,) class ids, or (B, classes) mixed soft targets
+                t1 = tick() if timed else 0
+                lr = C.lr_at(step, total, args.lr, warm)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with autocast():
+                    loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if args.clip_grad:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                if ema is not None:
+                    ema.update_parameters(raw)
+                step, run_loss = step + 1, run_loss + loss.detach()  # no host sync until a log line
+                if timed:
+                    aug_t, step_t = aug_t + t1 - t0, step_t + tick() - t0
+                if step % args.log_every == 0 or batch == spe - 1 or stop.set:
+                    k, now = step - s_log, time.time()
+                    sums = [sums[0] + float(run_loss), sums[1] + k]
+                    log(f"ep {epoch + 1}/{args.epochs} | step {step}/{total} | loss {float(run_loss) / k:.4f} | "
+                        f"lr {lr:.2e} | {k * bs / (now - t_log):.0f} img/s | aug {100 * aug_t / max(step_t, 1e-9):.1f}%"
+                        f" | eta {C.fmt_time((total - step) * (now - t_ep) / (batch + 1 - b0))}")
+                    t_log, s_log, run_loss = now, step, 0.0
+                if step == args.interrupt_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if stop.set:
+                    save(epoch, batch + 1)
+                    print(f"saved {ckpt_path} at step {step}; resume with: {resume_cmd(ckpt_path)}", flush=True)
+                    sys.exit(130)
+            batch, ips = 0, (spe - b0) * bs / (time.time() - t_ep)
+            row = dict(epoch=epoch + 1, train_loss=f"{sums[0] / sums[1]:.4f}", test_loss="", test_acc="",
+                       lr=f"{lr:.3e}", img_per_s=f"{ips:.1f}")
+            msg = f"ep {epoch + 1}/{args.epochs} | train loss {row['train_loss']}"
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                (lo, ac), em = test(raw), test(ema.module) if ema else None
+                row.update(test_loss=f"{lo:.4f}", test_acc=f"{ac:.2f}")
+                msg += f" | test loss {lo:.4f} acc {ac:.2f}%" + (f" | ema {em[0]:.4f} acc {em[1]:.2f}%" if em else "")
+            save(epoch + 1, 0)
+            log.row(**row, elapsed_s=f"{time.time() - t_start:.1f}")
+            log(f"{msg} | {ips:.0f} img/s | {C.fmt_time(time.time() - t_start)}")
+    except KeyboardInterrupt:
+        print(f"stopped; {ckpt_path} holds the last saved state" + (f"; resume with: {resume_cmd(ckpt_path)}"
+              if os.path.exists(ckpt_path) else " (none saved yet)"), flush=True)
+        sys.exit(130)
+    for k, m in [("model", raw)] + ([("ema", ema.module)] if ema else []):
+        lo, ac = test(m, flip=True)
+        log(f"final {k} with test-time flip | test loss {lo:.4f} acc {ac:.2f}% | {C.fmt_time(time.time() - t_start)}")
+    pick = torch.linspace(0, len(xte) - 1, 8, device=device).long()  # spread out: some copies are sorted by class
+    save_attention(raw, xte[pick].float() / 255, norm, os.path.join(args.out_dir, "attention.png"))
+    plot_curves(os.path.join(args.out_dir, "log.csv"), os.path.join(args.out_dir, "curves.png"))
+
+
+if __name__ == "__main__":
+    main()

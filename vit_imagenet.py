@@ -1,0 +1,445 @@
+"""vit_imagenet.py: a Vision Transformer on ImageNet, TinyImageNet or any ImageFolder tree, from one GPU (or CPU) to
+many nodes with PyTorch's data parallelism (torchrun + DistributedDataParallel). Model and helpers: common.py.
+
+    python vit_imagenet.py --data-dir /data/imagenet                        # the recipe below, one GPU
+    torchrun --nproc_per_node 8 vit_imagenet.py --data-dir /data/imagenet  # the same run on 8 GPUs
+    python vit_imagenet.py --data-dir /data/tiny-imagenet-200 --img-size 64 --warmup 2000  # patch 8 at 64 px
+    python vit_imagenet.py --resume out/vit_imagenet/ckpt.pt               # continue exactly (after Ctrl-C too)
+    python vit_imagenet.py --resume out/vit_imagenet/ckpt.pt --eval-only  # or --predict cat.jpg dog.png
+Several machines: the same command on every node (--data-dir, --resume readable on each; rank 0 writes), e.g.
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id job1 \\
+        vit_imagenet.py --data-dir /data/imagenet
+or with a static rendezvous: --nnodes 2 --node_rank R --master_addr HOST --master_port 29500. NCCL on GPUs, gloo on
+CPUs. --batch-size is global: each process takes batch / (processes x --accum-steps) images per micro-step, so the
+LR, the batch and the very samples of each step do not depend on the number of processes.
+
+Data: <data-dir>/train/<class>/**/*.{jpg,jpeg,png,webp,gif} and val/ (or test/, --val-dir) with the same class
+folders (ImageNet, ImageFolder), or TinyImageNet-200 as downloaded (val/images/ + val/val_annotations.txt). Decoded
+to uint8 by torchvision.io in --workers processes; the per-sample augmentation is seeded by (seed, epoch, index), so
+workers, processes and --resume leave it unchanged; MixUp/CutMix and normalisation run on the device. A few
+unreadable images are skipped and counted; many stop the run.
+
+Defaults: "Better plain ViT baselines for ImageNet-1k" (Beyer, Zhai, Kolesnikov 2022; 76.5% top-1): ViT-S/16, mean
+pooling, sin-cos position embedding, 90 epochs, batch 1024, AdamW lr 1e-3, 10k warmup steps then cosine,
+RandAugment(2, 10), MixUp 0.2, inception crop (5-100% area), gradient clip 1.0; bf16 on GPU. --weight-decay is torch
+AdamW's (multiplied by the lr): 0.1 at lr 1e-3 is the paper's decoupled weight decay 1e-4.
+
+MEASURED
+GPU (ViT-S/16 img/s synthetic and real, share of the bf16 peak, 90-epoch projection, TinyImageNet): not yet measured.
+"""
+import argparse
+import itertools
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+import common
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
+EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io.decode_image reads
+COLUMNS = ["epoch", "train_loss", "test_loss", "test_acc", "test_acc5", "lr", "img_per_s", "elapsed_s"]
+# what a --resume may change; every other setting comes from the checkpoint, so that the run continues exactly
+RUNTIME = {"data_dir", "val_dir", "out_dir", "workers", "device", "threads", "compile", "resume", "eval_only",
+           "predict", "log_every", "stop_after"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-dir", help="holds train/ and val/ (ImageNet, ImageFolder or TinyImageNet-200); --resume: the ckpt's")
+    a("--val-dir", default="auto", help="evaluation folder inside --data-dir; auto: val/, else test/")
+    a("--out-dir", help="for ckpt.pt, log.txt, log.csv; default out/vit_imagenet, or the --resume checkpoint's folder")
+    a("--model", default="vit_s16", choices=list(common.PRESETS), help="common.py preset (width, depth, heads)")
+    a("--img-size", type=int, default=224, help="train and eval resolution (64 suits TinyImageNet)")
+    a("--patch", type=int, default=0, help="patch size; 0: 16 from 128 px, 8 from 64 px, else 4")
+    a("--depth", type=int, default=0, help="transformer blocks; 0: the preset's")
+    a("--pool", default="mean", choices=["mean", "cls"], help="classify the mean token (recipe) or a class token")
+    a("--pos-embed", default="sincos", choices=["sincos", "learn"], help="fixed 2-D sin-cos (recipe) or learned")
+    a("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
+    a("--epochs", type=int, default=90, help="training epochs (the schedule's length)")
+    a("--batch-size", type=int, default=1024, help="global batch, split over processes and --accum-steps")
+    a("--accum-steps", type=int, default=1, help="micro-batches per optimizer step (same global batch, fewer GPUs)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate")
+    a("--weight-decay", type=float, default=0.1, help="torch AdamW's, times the lr (0.1 at lr 1e-3 = decoupled 1e-4)")
+    a("--warmup", type=int, default=10000, help="linear warmup steps, then cosine decay to 0")
+    a("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    a("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    a("--crop-scale", type=float, default=0.05, help="RandomResizedCrop's smallest area fraction")
+    a("--crop-pct", type=float, default=0.875, help="eval: resize the short side to img-size / crop-pct, center crop")
+    a("--randaug", type=int, default=2, help="RandAugment operations per image (0: off)")
+    a("--randaug-mag", type=int, default=10, help="RandAugment magnitude (0-30)")
+    a("--mixup", type=float, default=0.2, help="MixUp alpha (0: off); with --cutmix, one of the two per batch")
+    a("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
+    a("--ema", type=float, default=0.0, help="EMA of the weights, decay per step, e.g. 0.9998 (0: off)")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    a("--threads", type=int, default=0, help="CPU threads of each process (0: torch's default; torchrun sets 1)")
+    a("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--synthetic", action="store_true", help="ImageNet-sized constant images instead of --data-dir: the speed of "
+      "the model, DDP and the loader without decoding or augmentation")
+    a("--resume", metavar="CKPT", help="continue from this ckpt.pt (its settings win over the command line)")
+    a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and exit")
+    a("--predict", nargs="+", metavar="FILE", help="print the top-5 classes of these images (with --resume)")
+    a("--log-every", type=float, default=30.0, help="seconds between progress lines")
+    a("--stop-after", type=int, default=0, help="stop after this many steps of this run, saving as Ctrl-C does")
+    args, ckpt = p.parse_args(argv), None
+    if (args.eval_only or args.predict) and not args.resume:
+        p.error("--eval-only and --predict need --resume CKPT")
+    if args.resume:
+        try:
+            ckpt = common.load_checkpoint(args.resume, required=("model", "args", "classes", "epoch", "step"))
+        except common.CheckpointError as e:
+            common.die(str(e))
+        ignored = [k for k, v in vars(args).items()
+                   if k not in RUNTIME and v not in (p.get_default(k), ckpt["args"].get(k))]
+        if ignored and os.environ.get("RANK", "0") == "0":
+            print("note: --resume keeps the checkpoint's " + ", ".join("--" + k.replace("_", "-") for k in ignored))
+        args = argparse.Namespace(**{**vars(p.parse_args([])), **ckpt["args"],  # defaults: flags newer than ckpt
+                                     **{k: v for k, v in vars(args).items() if k in RUNTIME}})
+        args.data_dir = args.data_dir or ckpt["args"].get("data_dir")
+        args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
+    args.out_dir = args.out_dir or os.path.join("out", "vit_imagenet")
+    args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
+    v = vars(args)
+    bad = ([k for k in ("epochs", "batch_size", "accum_steps", "img_size", "patch", "lr") if v[k] <= 0]
+           + [k for k in ("depth", "warmup", "workers", "randaug", "stop_after", "weight_decay", "clip", "mixup",
+                          "cutmix", "label_smoothing", "drop_path", "ema") if v[k] < 0]
+           + [k for k in ("label_smoothing", "drop_path", "ema") if v[k] >= 1]
+           + [k for k in ("crop_scale", "crop_pct") if not 0 < v[k] <= 1])
+    if bad:
+        p.error(f"--{bad[0].replace('_', '-')} {v[bad[0]]} is out of range (see --help)")
+    if not (args.data_dir or args.predict or args.synthetic):
+        p.error("--data-dir is required")
+    return args, ckpt
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def scan(args, need_train=True):
+    """(train, val, classes); train and val as [(path, label)]. One clear line when something is missing."""
+    tr = os.path.join(args.data_dir, "train")
+    names = ("val", "test") if args.val_dir == "auto" else (args.val_dir,)
+    vd = next((os.path.join(args.data_dir, n) for n in names if os.path.isdir(os.path.join(args.data_dir, n))), None)
+    if not os.path.isdir(tr) or vd is None:
+        common.die(f"{args.data_dir} needs train/<class>/ and {' or '.join(n + '/' for n in names)} (ImageNet, "
+                   f"ImageFolder or TinyImageNet-200 layout); {tr if vd else 'the evaluation folder'} is missing")
+    try:
+        classes, idx = find_classes(tr)
+        train = make_dataset(tr, idx, EXTS) if need_train else []  # walks sub-folders: TinyImageNet's <wnid>/images/
+        ann = os.path.join(vd, "val_annotations.txt")
+        if os.path.isfile(ann):  # TinyImageNet-200: lines "<file>\t<wnid>\t<bbox>", the images in val/images/
+            with open(ann) as f:
+                rows = [line.split("\t")[:2] for line in f if line.strip()]
+            unknown = sorted({w for _, w in rows if w not in idx})
+            val = [(os.path.join(vd, "images", f), idx.get(w)) for f, w in rows]
+        else:
+            unknown = sorted({e.name for e in os.scandir(vd) if e.is_dir()} - set(classes))
+            val = make_dataset(vd, idx, EXTS, allow_empty=True)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        common.die(f"{tr}: {str(e).splitlines()[0]}")
+    if unknown:
+        common.die(f"{vd} has {len(unknown)} classes that {tr} lacks (e.g. {unknown[0]})")
+    if not val:
+        common.die(f"no images in {vd} (ImageNet's val/ must be sorted into <wnid>/ folders, e.g. by valprep.sh)")
+    return train, val, classes
+
+
+class Images(Dataset):
+    """(path, label) pairs -> (uint8 (3, size, size) image, label), or (None, 'path: reason') for an unreadable file."""
+
+    def __init__(self, samples, transform, size, seed=None):
+        self.samples, self.transform, self.size, self.seed, self.epoch = samples, transform, size, seed, 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        if path is None:  # --synthetic: no file, no decoding, no augmentation
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label
+        try:
+            img = decode_image(path, mode=ImageReadMode.RGB)
+        except Exception as e:
+            return None, f"{path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+        if self.seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):  # the same augmentation whichever process or worker loads it
+            torch.default_generator.manual_seed(hash((self.seed, self.epoch, i)))  # (torch.manual_seed: 100x slower)
+            return self.transform(img), label
+
+
+def transforms(args, train):
+    if not train:
+        return v2.Compose([v2.Resize(round(args.img_size / args.crop_pct)), v2.CenterCrop(args.img_size)])
+    t = [v2.RandomResizedCrop(args.img_size, scale=(args.crop_scale, 1.0)), v2.RandomHorizontalFlip()]
+    return v2.Compose(t + [v2.RandAugment(args.randaug, args.randaug_mag)] * (args.randaug > 0))
+
+
+def collate(batch):
+    """-> (uint8 images, labels, ['path: reason' of the unreadable ones, dropped])."""
+    good = [b for b in batch if b[0] is not None]
+    x = torch.stack([b[0] for b in good]) if good else torch.empty(0, dtype=torch.uint8)  # Skips stops on this
+    return x, torch.tensor([b[1] for b in good], dtype=torch.long), [b[1] for b in batch if b[0] is None]
+
+
+class Skips:
+    """Counts unreadable images; many (more than 10 and 1% of those seen, or a whole batch) stop the run."""
+
+    def __init__(self):
+        self.n, self.seen, self.first = 0, 0, None
+
+    def __call__(self, bad, good):
+        self.n, self.seen = self.n + len(bad), self.seen + len(bad) + good
+        self.first = self.first or next(iter(bad), None)
+        if bad and (good == 0 or self.n > max(10, 0.01 * self.seen)):
+            common.die(f"{self.n} of {self.seen} images unreadable so far (e.g. {self.first}); check --data-dir")
+
+
+def loader(ds, batch, args, device, sampler=None):
+    return DataLoader(ds, batch, sampler=sampler, num_workers=args.workers, collate_fn=collate, drop_last=bool(sampler),
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None,
+                      worker_init_fn=worker_init, generator=torch.Generator())  # own generator: global RNG untouched
+
+
+def worker_init(_):
+    """Ctrl-C and a scheduler's SIGTERM reach every process; the main one finishes its step, saves, then ends the
+    workers (a worker killed first would fail the run with a DataLoader error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Sampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way, after a mid-epoch checkpoint."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+
+
+def setup(device_name):
+    """(rank, world size, device) from torchrun's environment variables; one process without them."""
+    rank, world, local = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    world, device = max(world, 1), common.pick_device(device_name)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            common.die(f"LOCAL_RANK {local} but {torch.cuda.device_count()} GPUs: lower --nproc_per_node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def evaluate(model, dl, prep, autocast, skips, world, device):
+    """(loss, top-1 %, top-5 %) over the whole val set: each process sums its unpadded shard, then all_reduce."""
+    def batches():
+        for x, y, bad in dl:
+            skips(bad, len(y))
+            yield prep(x), y.to(device, non_blocking=True)
+    sums = common.evaluate(model, batches(), autocast)
+    sums = torch.zeros(4, dtype=torch.float64, device=device) if sums is None else sums  # an empty shard
+    if world > 1:
+        dist.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    return loss / n, 100 * top1 / n, 100 * top5 / n
+
+
+def main():
+    args, ckpt = get_args()
+    training, ckpt_path = not (args.eval_only or args.predict), os.path.join(args.out_dir, "ckpt.pt")
+    if training and not args.resume and os.path.exists(ckpt_path):
+        common.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or choose another --out-dir")
+    rank, world, device = setup(args.device)
+    common.seed_everything(args.seed)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    classes = ckpt["classes"] if args.predict else None
+    if args.synthetic:  # ImageNet's sizes
+        classes = [f"class{i}" for i in range(1000)]
+        train_s, val_s = ([(None, i % 1000) for i in range(n)] for n in (1281167, 50000))
+    elif not args.predict:
+        train_s, val_s, classes = scan(args, need_train=training)
+        if ckpt and ckpt["classes"] != classes:
+            common.die(f"{args.data_dir}/train has other classes ({len(classes)}) than the checkpoint "
+                       f"({len(ckpt['classes'])})")
+    try:
+        model = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch, num_classes=len(classes),
+                                  pool=args.pool, pos_embed=args.pos_embed, drop_path=args.drop_path,
+                                  **({"depth": args.depth} if args.depth else {})).to(device)
+    except ValueError as e:
+        common.die(str(e))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    opt = common.make_optimizer(model, args.lr, args.weight_decay)
+    autocast, scaler, prec = common.precision(device)
+    step, elapsed, epoch_loss = 0, 0.0, 0.0
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+    prep = lambda x: (x.to(device, non_blocking=True).float() - mean) / std  # noqa: E731 uint8 -> float, on device
+    if ckpt:
+        try:
+            common.load_weights(model, ckpt["model"], args.resume)
+            if ema:
+                ema.load_state_dict(ckpt["ema"])
+            if training:
+                opt.load_state_dict(ckpt["optimizer"])
+                scaler.load_state_dict(ckpt["scaler"])
+        except (common.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
+            common.die(f"{args.resume}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+        step, elapsed, epoch_loss = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("epoch_loss", 0.0)
+
+    if args.predict:  # with the EMA weights when the checkpoint has them
+        ds = Images([(f, -1) for f in args.predict], transforms(args, False), args.img_size)
+        items = [ds[i] for i in range(len(ds))]
+        if any(x is None for x, _ in items):
+            common.die(f"cannot read image {next(r for x, r in items if x is None)}")
+        with torch.no_grad(), autocast():
+            logits = (ema.module if ema else model).eval()(prep(torch.stack([x for x, _ in items])))
+        return common.print_top5(logits, args.predict, classes)
+    B, A, skips = args.batch_size, args.accum_steps, Skips()
+    if B % (world * A):
+        common.die(f"--batch-size {B} is not divisible by {world} process(es) x --accum-steps {A}")
+    micro, val_ds = B // (world * A), Images(val_s, transforms(args, False), args.img_size)
+    val_dl = loader(Subset(val_ds, range(rank, len(val_ds), world)), micro, args, device)  # unpadded shards: exact
+    if args.eval_only:
+        for name, m in [("model", model)] + ([("ema", ema.module)] if ema else []):
+            loss, top1, top5 = evaluate(m, val_dl, prep, autocast, skips, world, device)
+            if rank == 0:
+                print(f"eval {name} | {len(val_ds)} images | test_loss {loss:.4f} | top1 {top1:.2f}% | top5 "
+                      f"{top5:.2f}%" + (f" | skipped {skips.n} unreadable (e.g. {skips.first})" if skips.n else ""))
+        return
+
+    train_ds = Images(train_s, transforms(args, True), args.img_size, seed=args.seed)
+    # rank r's k-th micro-batch is permutation[r::world][k*micro:(k+1)*micro], so the A micro-batches of all ranks
+    # together hold permutation[step*B:(step+1)*B]: the same samples per step for any number of processes
+    sampler = Sampler(train_ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    train_dl, steps = loader(train_ds, micro, args, device, sampler), len(train_ds) // B  # steps per epoch
+    total = steps * args.epochs
+    if steps == 0 or args.warmup >= total:
+        common.die(f"{len(train_ds)} training images are fewer than one --batch-size {B}" if steps == 0 else
+                   f"--warmup {args.warmup} is not below the run's {total} steps (the recipe: 10k of 112k)")
+    if ckpt and ckpt.get("steps_per_epoch") != steps:
+        common.die(f"{args.data_dir} gives {steps} steps per epoch, the checkpoint's run {ckpt.get('steps_per_epoch')}")
+    mixers = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
+    mix = v2.RandomChoice(mixers) if mixers else None
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              gradient_as_bucket_view=True) if world > 1 else None
+    net = torch.compile(ddp if ddp else model) if args.compile else ddp if ddp else model  # DDP first, then compile
+    log = common.Logger(args.out_dir, COLUMNS, append=bool(args.resume), enabled=rank == 0)
+    log(f"vit_imagenet | {world} process(es) x {micro} images x {A} accum = batch {B} | {device} {prec} | "
+        f"{len(train_ds)} train / {len(val_ds)} val images, {len(classes)} classes | {args.model} patch {args.patch} "
+        f"{args.img_size}px {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {total} steps, warmup "
+        f"{args.warmup}" + (f" | resumed at step {step}" if ckpt else ""))
+    stop = []  # why to stop (a signal, --stop-after); acted on at a step boundary that every process agrees on
+
+    def on_signal(signum, _):
+        if stop:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    def agreed(flag):  # True in every process if True in any
+        if world > 1:
+            flag = torch.tensor(float(flag), device=device)
+            dist.all_reduce(flag)
+        return bool(flag)
+
+    t_start, first, rate = time.time() - elapsed, step, lambda r: f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
+    start_epoch, s0 = divmod(step, steps)
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        sampler.skip, train_ds.epoch = s0 * A * micro, epoch  # skip: what a mid-epoch checkpoint already trained on
+        model.train()
+        loss_sum = torch.tensor(epoch_loss / world if s0 else 0.0, device=device)  # summed over steps (and ranks)
+        wait, it, t0 = 0.0, iter(train_dl), time.time()
+        shown = t0
+        for s in range(s0, steps):
+            torch.manual_seed(hash((args.seed, step, rank)))  # MixUp, dropout: a function of the step: exact resume
+            for a in range(A):
+                t = time.time()
+                x, y, bad = next(it)
+                wait += time.time() - t
+                skips(bad, len(y))
+                x, y = prep(x), y.to(device, non_blocking=True)
+                x, y = mix(x, y) if mix else (x, y)  # y: class ids, or soft targets after MixUp/CutMix
+                with ddp.no_sync() if ddp and a < A - 1 else nullcontext():  # all-reduce on the last only
+                    with autocast():
+                        loss = F.cross_entropy(net(x).float(), y, label_smoothing=args.label_smoothing) / A
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            lr = common.lr_at(step, total, args.lr, args.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if args.clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema:
+                ema.update_parameters(model)
+            step += 1
+            if rank == 0 and (time.time() - shown > args.log_every or s == steps - 1):
+                shown, dt = time.time(), time.time() - t0  # loss: rank 0's share of the batch
+                log(f"ep {epoch + 1}/{args.epochs} | step {step}/{total} | loss {loss_sum.item() / (s + 1):.4f} | "
+                    f"lr {lr:.1e} | {rate((s + 1 - s0) * B / dt)} img/s | data {100 * wait / dt:.0f}% | "
+                    f"eta {common.fmt_time(dt / (s + 1 - s0) * (total - step))}")
+            if args.stop_after and step - first == args.stop_after:
+                stop.append("--stop-after")
+            if (world == 1 or step % 20 == 0 or args.stop_after) and agreed(bool(stop)):  # all-reduce: 1 in 20
+                break
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        train_loss, train_time, done = loss_sum.item() / (steps * world), time.time() - t0, step % steps == 0
+        if done:
+            test_loss, top1, top5 = evaluate(model, val_dl, prep, autocast, skips, world, device)
+            ema_top1 = evaluate(ema.module, val_dl, prep, autocast, skips, world, device)[1] if ema else 0
+            elapsed, n = time.time() - t_start, (steps - s0) * B
+            log(f"ep {epoch + 1}/{args.epochs} | train_loss {train_loss:.4f} | test_loss {test_loss:.4f} | top1 "
+                f"{top1:.2f}% | top5 {top5:.2f}%" + (f" | ema top1 {ema_top1:.2f}%" if ema else "") +
+                f" | {rate(n / train_time)} img/s | data {100 * wait / train_time:.0f}% | {common.fmt_time(elapsed)}"
+                + f" | skipped {skips.n} unreadable (e.g. {skips.first})" * bool(skips.n))
+            log.row(epoch=epoch + 1, train_loss=train_loss, test_loss=test_loss, test_acc=top1, test_acc5=top5, lr=lr,
+                    img_per_s=round(n / train_time, 1), elapsed_s=round(elapsed, 1))
+        if rank == 0 and (done or stop):  # the unwrapped, uncompiled module's weights
+            common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                                    "epoch": step // steps, "steps_per_epoch": steps, "epoch_loss": 0.0 if done else
+                                    loss_sum.item(), "elapsed": time.time() - t_start, "classes": classes,
+                                    "args": vars(args)}, ckpt_path)
+        s0 = 0
+        if agreed(bool(stop)) and step < total:
+            del it  # ends the workers now
+            log(f"stopped ({', '.join(stop) or 'another process'}) at step {step}/{total}; {ckpt_path} saved; continue "
+                f"with: {'torchrun <same options> ' if world > 1 else 'python '}{sys.argv[0]} --resume {ckpt_path}")
+            sys.exit(0 if stop == ["--stop-after"] else 130)
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main()
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing saved
+        code = 130  # (exit outside the except block: its traceback would keep the DataLoader workers alive)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
