@@ -174,7 +174,8 @@ PRESETS = {
     "cifar_ti": dict(img_size=32, patch_size=4, num_classes=10, dim=192, depth=6, heads=3),
     "cifar_s": dict(img_size=32, patch_size=4, num_classes=10, dim=384, depth=7, heads=6),
     "cifar_cpu": dict(img_size=32, patch_size=4, num_classes=10, dim=128, depth=6, heads=4, mlp_ratio=2.0),
-    "mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dim=128, depth=6, heads=4, mlp_ratio=2.0),
+    "mnist": dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, dim=64, depth=6, heads=2, mlp_ratio=2.0,
+                  pool="mean"),  # mini_vit.py's default model
 }
 
 

@@ -53,7 +53,7 @@ def test_presets_shapes():
             feats = m.forward_features(x)
             out = m.forward_head(feats)
         grid = cfg["img_size"] // cfg["patch_size"]
-        assert feats.shape == (1, grid * grid + 1, cfg["dim"]), (name, feats.shape)
+        assert feats.shape == (1, grid * grid + (m.pool == "cls"), cfg["dim"]), (name, feats.shape)
         assert out.shape == (1, cfg.get("num_classes", 1000)), (name, out.shape)
 
 

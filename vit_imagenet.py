@@ -217,10 +217,17 @@ def loader(ds, batch, args, device, sampler=None):
 
 
 def worker_init(_):
-    """Ctrl-C and a scheduler's SIGTERM reach every process; the main one finishes its step, saves, then ends the
-    workers (a worker killed first would fail the run with a DataLoader error)."""
+    """Ctrl-C reaches every process: the main one finishes its step and saves, its workers serve it till then."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+STOP = []  # why to stop (signal names, --stop-after): acted on at a step boundary that every process agrees on
+
+
+def on_signal(signum, _):
+    if STOP:  # a second Ctrl-C: stop now, without saving
+        raise KeyboardInterrupt
+    STOP.append(signal.Signals(signum).name)
 
 
 class Sampler(DistributedSampler):
@@ -347,12 +354,6 @@ def main():
         f"{len(train_ds)} train / {len(val_ds)} val images, {len(classes)} classes | {args.model} patch {args.patch} "
         f"{args.img_size}px {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {total} steps, warmup "
         f"{args.warmup}" + (f" | resumed at step {step}" if ckpt else ""))
-    stop = []  # why to stop (a signal, --stop-after); acted on at a step boundary that every process agrees on
-
-    def on_signal(signum, _):
-        if stop:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
-        stop.append(signal.Signals(signum).name)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
@@ -363,7 +364,7 @@ def main():
         return bool(flag)
 
     t_start, first, rate = time.time() - elapsed, step, lambda r: f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
-    start_epoch, s0 = divmod(step, steps)
+    (start_epoch, s0), stopping = divmod(step, steps), False
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         sampler.skip, train_ds.epoch = s0 * A * micro, epoch  # skip: what a mid-epoch checkpoint already trained on
@@ -403,8 +404,9 @@ def main():
                     f"lr {lr:.1e} | {rate((s + 1 - s0) * B / dt)} img/s | data {100 * wait / dt:.0f}% | "
                     f"eta {common.fmt_time(dt / (s + 1 - s0) * (total - step))}")
             if args.stop_after and step - first == args.stop_after:
-                stop.append("--stop-after")
-            if (world == 1 or step % 20 == 0 or args.stop_after) and agreed(bool(stop)):  # all-reduce: 1 in 20
+                STOP.append("--stop-after")
+            stopping = (world == 1 or step % 20 == 0 or args.stop_after) and agreed(bool(STOP))  # 1 in 20: sync
+            if stopping:
                 break
         if world > 1:
             dist.all_reduce(loss_sum)
@@ -419,27 +421,31 @@ def main():
                 + f" | skipped {skips.n} unreadable (e.g. {skips.first})" * bool(skips.n))
             log.row(epoch=epoch + 1, train_loss=train_loss, test_loss=test_loss, test_acc=top1, test_acc5=top5, lr=lr,
                     img_per_s=round(n / train_time, 1), elapsed_s=round(elapsed, 1))
-        if rank == 0 and (done or stop):  # the unwrapped, uncompiled module's weights
+        if rank == 0 and (done or stopping):  # the unwrapped, uncompiled module's weights
             common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
                                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                                     "epoch": step // steps, "steps_per_epoch": steps, "epoch_loss": 0.0 if done else
                                     loss_sum.item(), "elapsed": time.time() - t_start, "classes": classes,
                                     "args": vars(args)}, ckpt_path)
         s0 = 0
-        if agreed(bool(stop)) and step < total:
+        if (stopping or agreed(bool(STOP))) and step < total:
             del it  # ends the workers now
-            log(f"stopped ({', '.join(stop) or 'another process'}) at step {step}/{total}; {ckpt_path} saved; continue "
+            log(f"stopped ({', '.join(STOP) or 'another process'}) at step {step}/{total}; {ckpt_path} saved; continue "
                 f"with: {'torchrun <same options> ' if world > 1 else 'python '}{sys.argv[0]} --resume {ckpt_path}")
-            sys.exit(0 if stop == ["--stop-after"] else 130)
+            sys.exit(0 if STOP == ["--stop-after"] else 130)
 
 
 if __name__ == "__main__":
-    code = 0
     try:
         main()
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing saved
-        code = 130  # (exit outside the except block: its traceback would keep the DataLoader workers alive)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("\ninterrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:  # a SIGTERM to every process (e.g. scancel) ends the DataLoader workers at once
+        if not (STOP and "DataLoader worker" in str(e)):
+            raise
+        print(f"stopped ({STOP[0]}), the data loading workers too: the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code)
