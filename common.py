@@ -288,6 +288,8 @@ def evaluate(model, batches, autocast=nullcontext, flip=False):
                          (top5 == y[:, None]).any(1).sum(), torch.tensor(len(y), device=y.device)]).double()
         sums = s if sums is None else sums + s
     model.train(was_training)
+    if sums is None:  # an empty shard still takes part in the all_reduce
+        sums = torch.zeros(4, dtype=torch.float64, device=next(model.parameters()).device)
     return sums
 
 
