@@ -9,7 +9,6 @@ import csv
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -348,14 +347,6 @@ def load_weights(model, state_dict, source="checkpoint"):
                  f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
     model.load_state_dict(state_dict)
-
-
-def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's kill) takes the Ctrl-C path, so the run saves and says how to resume."""
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def fmt_time(seconds):

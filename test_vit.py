@@ -207,6 +207,8 @@ def test_evaluate_counts_top1_top5():
     loss, top1, top5, n = common.evaluate(Fixed(), [(x[:2], y[:2]), (x[2:], y[2:])]).tolist()
     assert (top1, top5, n) == (1, 3, 3)
     assert math.isclose(loss, F.cross_entropy(x, y, reduction="sum").item(), rel_tol=1e-6)
+    empty = common.evaluate(torch.nn.Linear(7, 7), [])  # a rank with no validation images still all_reduces
+    assert empty.tolist() == [0, 0, 0, 0] and empty.dtype == torch.float64
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
@@ -512,11 +514,9 @@ def _imagenet_tree(root, tiny=False, classes=3, n_train=8, n_val=4, size=32):
     for split, n in (("train", n_train), ("val", n_val)):
         for c in range(classes):
             wnid = f"n0{c}"
-            if tiny:
-                d = os.path.join(root, "train", wnid, "images") if split == "train" else \
-                    os.path.join(root, split, "images")
-            else:
-                d = os.path.join(root, split, wnid)
+            d = os.path.join(root, split, wnid)
+            if tiny:  # train/<wnid>/images/, val/images/
+                d = os.path.join(d, "images") if split == "train" else os.path.join(root, "val", "images")
             os.makedirs(d, exist_ok=True)
             for i in range(n):
                 img = (torch.rand(3, size, size, generator=g) * 80).to(torch.uint8)
@@ -598,8 +598,7 @@ def test_imagenet_clear_errors(tmp_path):
     os.makedirs(tmp_path / "o")
     (tmp_path / "o" / "ckpt.pt").write_bytes(b"truncated")
     cases = {"train/": ["--data-dir", str(tmp_path)],  # no train/ folder
-             # a checkpoint is not overwritten
-             "--resume": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "o")],
+             "--resume": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "o")],  # ckpt.pt is not overwritten
              "corrupt": ["--resume", str(tmp_path / "o" / "ckpt.pt"), "--eval-only"],
              "n09": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "p")],
              "unreadable": ["--data-dir", bad_images, "--out-dir", str(tmp_path / "p"), "--workers", "0"],
