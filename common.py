@@ -5,6 +5,7 @@ VisionTransformer, so `timm.create_model('vit_base_patch16_224').state_dict()` l
 the same logits; `from_torchvision` converts torchvision's ViT weights. Attention is one fused qkv Linear plus
 F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 """
+import argparse
 import csv
 import math
 import os
@@ -221,6 +222,91 @@ def from_torchvision(state_dict):
     return out
 
 
+HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the published ViTs' heads by width (a state_dict lacks them)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def read_pretrained(source):
+    """(timm-named state_dict, info) from a torchvision weights name ('vit_b_16', 'vit_l_16:IMAGENET1K_SWAG_E2E_V1'),
+    or a file: a torchvision or timm ViT state_dict, or a checkpoint of this project. CheckpointError on failure."""
+    info = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, classes=None, arch={}, style="torchvision")
+    if os.path.isfile(source):
+        obj = load_checkpoint(source, required=())
+        if isinstance(obj, dict) and isinstance(obj.get("args"), dict) and "model" in obj:  # this project's ckpt
+            a = obj["args"]
+            info.update(style="this project", classes=obj.get("classes"), arch=a.get("arch") or {},
+                        mean=a.get("mean", IMAGENET_MEAN), std=a.get("std", IMAGENET_STD))
+            info["arch"].setdefault("heads", a.get("heads") or PRESETS.get(a.get("model"), {}).get("heads"))
+        for k in ("model", "state_dict"):  # DeiT's and timm's training checkpoints wrap the weights
+            obj = obj[k] if isinstance(obj, dict) and isinstance(obj.get(k), dict) else obj
+        obj = obj if isinstance(obj, dict) else {}
+        sd = {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}  # DDP-saved: module.
+    else:
+        import torchvision.models as tvm
+        name, _, tag = source.partition(":")
+        try:
+            enum = tvm.get_model_weights(name)
+            weights = enum[tag or "DEFAULT"]
+        except (ValueError, KeyError):
+            vits = [n for n in tvm.list_models() if n.startswith("vit_")]
+            raise CheckpointError(f"--pretrained {source}: no such file, nor torchvision ViT weights (names: "
+                                  f"{', '.join(vits)}; tags such as {name}:IMAGENET1K_V1)") from None
+        try:
+            sd = weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot get torchvision weights {weights} ({type(e).__name__}: offline?): download "
+                                  f"{weights.url} elsewhere and pass the file, --pretrained FILE, or put it in "
+                                  f"{torch.hub.get_dir()}/checkpoints/") from None
+        t = weights.transforms()
+        info.update(mean=tuple(t.mean), std=tuple(t.std), classes=weights.meta.get("categories"))
+    if "conv_proj.weight" in sd:
+        try:
+            sd = from_torchvision(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+    elif "patch_embed.proj.weight" in sd:
+        info["style"] = "timm" if info["style"] == "torchvision" else info["style"]
+    else:
+        raise CheckpointError(f"{source} is not a ViT state_dict of torchvision, timm or this project (its keys: "
+                              f"{', '.join(list(sd)[:3]) or 'none'}, ...)")
+    return sd, info
+
+
+def load_pretrained(source, num_classes, img_size=None, **overrides):
+    """(model, info): a ViT shaped by the weights of `source` (see read_pretrained), its position grid resized to
+    img_size (default: the weights' own), its head replaced (zeros) unless it already has num_classes outputs
+    (None: the weights' head, whatever its size).
+    Strict apart from the head: anything else that differs is a CheckpointError naming it."""
+    sd, info = read_pretrained(source)
+    w = sd["patch_embed.proj.weight"]  # (dim, in_chans, patch, patch)
+    dim, patch, prefix = w.shape[0], w.shape[-1], int("cls_token" in sd)
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix) if "pos_embed" in sd else None
+    arch = dict(img_size=grid * patch if grid else 224, patch_size=patch, in_chans=w.shape[1], dim=dim, depth=depth,
+                heads=HEADS.get(dim, max(1, dim // 64)), qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
+                pool="cls" if prefix else "mean", pos_embed="learn" if grid else "sincos")
+    arch.update({k: v for k, v in info.pop("arch").items() if k in arch and v is not None})
+    info.update(img_size=arch["img_size"], source=source)
+    num_classes = len(sd.get("head.bias", ())) if num_classes is None else num_classes  # None: the weights' own
+    arch["img_size"] = img_size or arch["img_size"]
+    try:
+        model = ViT(num_classes=num_classes, **arch, **overrides)
+    except ValueError as e:
+        raise CheckpointError(f"--pretrained {source}: {e}") from None
+    if grid and grid != model.patch_embed.grid:
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.patch_embed.grid, prefix)
+    own = model.state_dict()
+    info["head_kept"] = "head.weight" in sd and sd["head.weight"].shape == own["head.weight"].shape
+    if not info["head_kept"]:
+        sd = {**{k: v for k, v in sd.items() if not k.startswith("head.")},
+              **{k: v for k, v in own.items() if k.startswith("head.")}}
+        info["classes"] = None
+    load_weights(model, sd, f"{source} ({info['style']} weights)")
+    info["arch"] = arch
+    return model, info
+
+
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
@@ -251,16 +337,45 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):
-    """AdamW; no weight decay on biases, norms, pos_embed and cls_token. Fused kernel on CUDA."""
-    skip = {"pos_embed", "cls_token"}
-    decay, no_decay = [], []
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), layer_decay=1.0):
+    """AdamW; no weight decay on biases, norms, pos_embed and cls_token. Fused kernel on CUDA. layer_decay < 1 scales
+    block i's lr by layer_decay ** (depth - i), the embeddings' one step lower (BEiT's layer-wise decay): each group
+    has an 'lr_scale' for the training loop to multiply."""
+    depth, groups = len(getattr(model, "blocks", ())), {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.split(".")[-1] in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
+        if not p.requires_grad:
+            continue
+        layer = (int(name.split(".")[1]) + 1 if name.startswith("blocks.") else
+                 0 if name.startswith(("patch_embed", "cls_token", "pos_embed")) else depth + 1)
+        wd = 0.0 if p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token") else weight_decay
+        scale = layer_decay ** (depth + 1 - layer)
+        groups.setdefault((scale, wd), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
+    fused = all(p.is_cuda for g in groups.values() for p in g["params"])
+    groups = [g for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]  # decayed first
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def freeze_all_but_head(model):
+    """A linear probe: only the head learns."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("head.")
+
+
+def given_args(parser, argv=None):
+    """The names of the options given on the command line (parsed again with every default suppressed)."""
+    saved = [a.default for a in parser._actions]
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in zip(parser._actions, saved):
+            a.default = d
 
 
 def lr_at(step, total_steps, base_lr, warmup_steps, min_lr=0.0):

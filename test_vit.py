@@ -498,6 +498,120 @@ def test_cifar_clear_errors(tmp_path):
     check_error(run_cifar("--eval-only", "--resume", bad, "--data-dir", data, ok=False), "does not fit")
 
 
+# ---------------------------------------------------------------------------------- pretrained weights (#6)
+
+def _tv_small(num_classes=10):
+    """A random torchvision ViT of a custom size (heads = dim / 64, as the published ViTs)."""
+    import torchvision
+    return randomize(torchvision.models.VisionTransformer(32, 8, 2, 2, 128, 256, num_classes=num_classes)).eval()
+
+
+def _tv_features(tv, x):
+    head, tv.heads = tv.heads, torch.nn.Identity()  # the class token after the last LayerNorm
+    try:
+        return tv(x)
+    finally:
+        tv.heads = head
+
+
+def test_pretrained_files_torchvision_timm_same_logits(tmp_path):
+    x = torch.randn(3, 3, 32, 32)
+    tv = _tv_small()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    m, info = common.load_pretrained(str(tmp_path / "tv.pth"), 10)  # same classes: the head is kept
+    assert info["head_kept"] and info["style"] == "torchvision" and info["img_size"] == 32
+    assert info["arch"]["heads"] == 2 and info["mean"] == common.IMAGENET_MEAN
+    with torch.no_grad():
+        assert rel_err(m.eval()(x), tv(x)) < 1e-5
+        m, info = common.load_pretrained(str(tmp_path / "tv.pth"), 7)  # new classes: a new zero head, same features
+        assert not info["head_kept"] and m.head.weight.shape == (7, 128) and not m.head.weight.any()
+        assert rel_err(m.eval().forward_head(m.forward_features(x), pre_logits=True), _tv_features(tv, x)) < 1e-5
+        m48, _ = common.load_pretrained(str(tmp_path / "tv.pth"), 7, img_size=48)  # grid 4x4 -> 6x6, bicubic
+        assert m48.pos_embed.shape == (1, 37, 128) and m48(torch.randn(2, 3, 48, 48)).shape == (2, 7)
+    try:  # a timm-named state_dict: timm's own when installed, else this ViT's (the same names)
+        import timm
+        src = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, num_classes=5,
+                                                               embed_dim=128, depth=2, num_heads=2)
+    except ImportError:
+        src = ViT(img_size=32, patch_size=8, num_classes=5, dim=128, depth=2, heads=2)
+    randomize(src).eval()
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "timm.pth")
+    m, info = common.load_pretrained(str(tmp_path / "timm.pth"), 5)  # DDP-saved and wrapped, as training scripts do
+    assert info["style"] == "timm" and info["head_kept"]
+    with torch.no_grad():
+        assert rel_err(m.eval()(x), src(x)) < 1e-5
+
+
+def test_pretrained_clear_errors(tmp_path):
+    import torchvision
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet.pth")
+    sd = ViT(img_size=32, patch_size=8, num_classes=5, dim=128, depth=2, heads=2).state_dict()
+    torch.save({**sd, "fc_norm.weight": torch.ones(128)}, tmp_path / "extra.pth")  # e.g. timm's avg-pool ViTs
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    for src, words in (("resnet.pth", ["not a ViT state_dict", "conv1.weight"]), ("extra.pth", ["fc_norm.weight"]),
+                       ("junk.pth", ["corrupt"]), ("vit_zz_99", ["vit_b_16"])):
+        try:
+            common.load_pretrained(str(tmp_path / src) if src.endswith(".pth") else src, 10)
+            raise AssertionError(f"{src} loaded")
+        except common.CheckpointError as e:
+            assert all(w in str(e) for w in words), (src, str(e))
+
+
+def test_pretrained_torchvision_name_cached_and_offline(tmp_path):
+    """A torchvision weights name resolves through torchvision's API: its cache file is read without a network (a
+    small stand-in file under the real name), and offline with nothing cached it is one clear line."""
+    import torchvision
+    w = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(_tv_small(1000).state_dict(), cache / os.path.basename(w.url))
+    env = {"TORCH_HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}  # a closed port: offline
+    code = ("import common; m, i = common.load_pretrained('vit_b_16', None); "
+            "print(i['classes'][:2], i['head_kept'], i['mean'], m.head.weight.shape[0])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       env={**os.environ, **env}, timeout=120)
+    assert p.returncode == 0 and "['tench', 'goldfish'] True (0.485, 0.456, 0.406) 1000" in p.stdout, p.stderr
+    (cache / os.path.basename(w.url)).unlink()
+    data = write_cifar10(tmp_path / "data", n_train=80, n_test=20)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "vit_cifar.py"), "--data-dir", data, "--out-dir",
+                        str(tmp_path / "o"), "--device", "cpu", "--pretrained", "vit_b_16"], capture_output=True,
+                       text=True, env={**os.environ, **env}, timeout=120)
+    check_error(p, "cannot get torchvision weights", "offline", "--pretrained FILE")
+
+
+def test_pretrained_finetune_cifar_and_imagenet(tmp_path):
+    """--pretrained FILE in both scripts: the recipe, a new head, --freeze keeps the body, the ckpt evaluates again
+    through --pretrained (its classes match: the head is kept) and --resume."""
+    torch.save(_tv_small(1000).state_dict(), tmp_path / "tv.pth")
+    data, out = write_cifar10(tmp_path / "data", n_train=160, n_test=40), tmp_path / "out"
+    p = run_cifar("--data-dir", data, "--out-dir", out, "--pretrained", tmp_path / "tv.pth", "--epochs", 1,
+                  "--batch-size", 32, "--device", "cpu", "--threads", 1, "--log-every", 2)
+    args = json.loads((out / "args.json").read_text())
+    assert args["lr"] == 1e-4 and args["mixup"] == 0 and args["img_size"] == 32 and args["arch"]["dim"] == 128
+    assert args["mean"] == list(common.IMAGENET_MEAN), args["mean"]
+    acc = re_acc = None
+    for line in p.stdout.splitlines():
+        if line.startswith("final model"):
+            acc = line.split("acc ")[1].split("%")[0]
+    p = run_cifar("--eval-only", "--pretrained", out / "ckpt.pt", "--data-dir", data, "--out-dir", tmp_path / "o2")
+    re_acc = p.stdout.split("with flip: loss ")[1].split("acc ")[1].split("%")[0]
+    assert acc is not None and acc == re_acc, (acc, p.stdout)
+    p = run_cifar("--eval-only", "--resume", out / "ckpt.pt", "--data-dir", data)
+    assert f"acc {acc}%" in p.stdout, p.stdout
+    imnet = _imagenet_tree(str(tmp_path / "imnet"))
+    _run("--data-dir", imnet, "--out-dir", tmp_path / "fz", "--pretrained", tmp_path / "tv.pth", "--freeze",
+         "--epochs", 1, "--batch-size", 8, "--warmup", 1, "--device", "cpu", "--workers", 0, "--crop-pct", 1)
+    ck = torch.load(tmp_path / "fz" / "ckpt.pt", weights_only=True)
+    src = from_torchvision(torch.load(tmp_path / "tv.pth", weights_only=True))
+    head = ck["model"]["head.weight"]
+    assert ck["args"]["lr"] == 1e-3 and head.shape == (3, 128) and head.any()
+    assert all(torch.equal(v, src[k]) for k, v in ck["model"].items() if not k.startswith("head."))
+    r = _run("--data-dir", imnet, "--eval-only", "--pretrained", tmp_path / "fz" / "ckpt.pt", "--workers", 0,
+             "--out-dir", tmp_path / "fz2")
+    assert "eval model | 12 images" in r.stdout, r.stdout
+
+
 # --------------------------------------------------------------------------------------------- vit_imagenet.py
 
 IMAGENET = os.path.join(HERE, "vit_imagenet.py")
@@ -625,7 +739,7 @@ def test_imagenet_clear_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- benchmark
 
-def bench(rounds=5, steps=3):
+def bench(rounds=8, steps=3):
     """Training throughput (forward + backward + AdamW) of this ViT vs torchvision's (and timm's) of the same shape,
     interleaved in one process; achieved FLOP/s as a share of a large matmul on the same device."""
     import torchvision
@@ -673,9 +787,9 @@ def bench(rounds=5, steps=3):
             loss.backward()
         flops = fc.get_total_flops()
         times = {k: [] for k in models}
-        for _ in range(rounds):  # interleaved, so a background load or clock change hits every model alike
-            for k, fn in steps_fn.items():
-                times[k].append(timed(fn, steps, dev) / steps)
+        for r in range(rounds):  # interleaved, order reversed every other round: a background load, a clock change
+            for k in list(steps_fn)[::(-1) ** r]:  # or the position in a round hits every model alike
+                times[k].append(timed(steps_fn[k], steps, dev) / steps)
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         print(f"\n{name}, batch {bs}: {flops / bs / 1e9:.3f} GFLOP per image (fwd+bwd)")
         for k, t in med.items():

@@ -6,6 +6,8 @@ crop, flip, a per-sample TrivialAugment-style policy, random erasing and MixUp/C
     python vit_cifar.py --resume runs/cifar10/ckpt.pt          # continue exactly where a run stopped
     python vit_cifar.py --eval-only --resume runs/cifar10/ckpt.pt
     python vit_cifar.py --predict cat.jpg dog.png --resume runs/cifar10/ckpt.pt
+    python vit_cifar.py --pretrained vit_b_16                 # fine-tune torchvision's ImageNet ViT-B/16 at 224 px
+    python vit_cifar.py --pretrained vit_b_16 --freeze       # a linear probe: only the new head learns
 
 GPU (one H100: default recipe, --epochs 100, CIFAR-100, img/s, share of the bf16 ceiling): not yet measured.
 CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 shared with other jobs, torch 2.14.1):
@@ -43,6 +45,9 @@ DATASETS = {  # dir, train files, test file, label key, meta file, class-name ke
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names",
                  (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 CONTROL = ("resume", "ckpt", "eval_only", "predict", "interrupt_at", "device", "threads", "compile", "out_dir")
+# --pretrained's recipe: a short, gentle schedule without the from-scratch regularisers; flags given still win
+FINETUNE = dict(epochs=10, batch_size=128, lr=1e-4, warmup=1, weight_decay=0.05, policy="none", mixup=0.0,
+                cutmix=0.0, erase=0.0, ema=0.0, drop_path=0.1)
 
 
 def get_args(argv=None):
@@ -69,6 +74,12 @@ def get_args(argv=None):
         a(f"--{f}", type=t, default=None, help="override the preset's value")
     a("--pool", default="cls", choices=["cls", "mean"], help="class token or mean of the patch tokens")
     a("--pos-embed", default="learn", choices=["learn", "sincos"], help="learned or fixed 2-D sin-cos")
+    a("--img-size", type=int, default=0, help="images are resized to this on the device (0: 32, or the weights' size)")
+    a("--pretrained", default=None, metavar="SOURCE", help="start from ViT weights: a torchvision name (vit_b_16, "
+      "vit_b_16:IMAGENET1K_SWAG_E2E_V1), or a torchvision / timm state_dict or ckpt.pt file; sets the fine-tuning "
+      f"recipe {FINETUNE} for the flags not given; the model's shape comes from the weights")
+    a("--freeze", action="store_true", help="train only the new head (a linear probe; recipe lr 1e-3)")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay per block from the head down (1: off)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -80,23 +91,28 @@ def get_args(argv=None):
     a("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (and always at the end)")
     a("--log-every", type=int, default=50, help="progress line every N steps")
     a("--interrupt-at", type=int, default=0, help="testing aid: send SIGTERM to itself at this global step (0: off)")
-    args = p.parse_args(argv)
+    args, given = p.parse_args(argv), C.given_args(p, argv)
+    args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
     args.ckpt = args.resume or (os.path.join(args.out_dir or os.path.join("runs", args.dataset), "ckpt.pt")
-                                if args.eval_only or args.predict else None)
+                                if (args.eval_only and not args.pretrained) or args.predict else None)
     if args.ckpt:  # the checkpoint's args, overridden by those given again on this command line
-        for act in p._actions:
-            act.default = argparse.SUPPRESS
-        given, saved = vars(p.parse_args(argv)), load_ckpt(args.ckpt)["args"]
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in CONTROL}, **given})
+        saved = load_ckpt(args.ckpt)["args"]
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in CONTROL},
+                                     **{k: getattr(args, k) for k in given}})
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    elif args.pretrained:
+        for k, v in {**FINETUNE, **(dict(lr=1e-3, drop_path=0.0) if args.freeze else {})}.items():
+            setattr(args, k, getattr(args, k) if k in given else v)
     args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
     for name in ("epochs", "batch_size", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.patch is not None and (args.patch < 1 or 32 % args.patch):
-        p.error(f"--patch {args.patch} does not divide the 32 px image (use 1, 2, 4, 8, 16 or 32)")
-    if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.ema < 1 or not 0 <= args.erase <= 1:
-        p.error("need --lr > 0, --weight-decay >= 0, 0 <= --ema < 1, 0 <= --erase <= 1")
+    if args.patch is not None and (args.patch < 1 or (args.img_size or 32) % args.patch):
+        p.error(f"--patch {args.patch} does not divide the {args.img_size or 32} px image")
+    if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.ema < 1 or not 0 <= args.erase <= 1 or \
+            args.img_size < 0 or not 0 < args.layer_decay <= 1:
+        p.error("need --lr > 0, --weight-decay >= 0, 0 <= --ema < 1, 0 <= --erase <= 1, --img-size >= 0, "
+                "0 < --layer-decay <= 1")
     return args
 
 
@@ -187,11 +203,14 @@ def augment(x, gen, args, mean):
 
 
 def build_model(args, num_classes):
-    over = {k: v for k, v in dict(patch_size=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
-                                  mlp_ratio=args.mlp_ratio).items() if v is not None}
+    """The ViT of args.arch (from --pretrained weights or a checkpoint), else of the preset and the size flags."""
+    if not args.arch:
+        over = {k: v for k, v in dict(patch_size=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
+                                      mlp_ratio=args.mlp_ratio).items() if v is not None}
+        args.arch = {**{k: v for k, v in C.PRESETS[args.model].items() if k != "num_classes"}, **over,
+                     "img_size": args.img_size or 32, "pool": args.pool, "pos_embed": args.pos_embed}
     try:
-        return C.create_vit(args.model, num_classes=num_classes, pool=args.pool, pos_embed=args.pos_embed,
-                            drop_path=args.drop_path, **over)
+        return C.ViT(**args.arch, num_classes=num_classes, drop_path=args.drop_path)
     except ValueError as e:
         C.die(f"bad model flags: {e}")
 
@@ -242,9 +261,9 @@ def plot_curves(csv_path, png_path):
 
 
 @torch.no_grad()
-def save_attention(model, x, norm, path):
+def save_attention(model, x, prep, path):
     """8 test images beside the last block's attention (class token's, or mean over queries), heads averaged."""
-    a = model.attention_maps(norm(x))[-1].mean(1)  # (B, N, N)
+    a = model.attention_maps(prep(x))[-1].mean(1)  # (B, N, N)
     a = a[:, 0, 1:] if model.pool == "cls" else a.mean(1)  # (B, g*g)
     g = int(a.shape[1] ** 0.5)
     a = a.view(-1, 1, g, g)
@@ -264,31 +283,51 @@ def main():
     cuda = device.type == "cuda"
     tick = lambda: (torch.cuda.synchronize() if cuda else None, time.perf_counter())[1]  # noqa: E731
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in DATASETS[args.dataset][6:])
-    norm = lambda x: (x - mean) / std  # noqa: E731
     autocast, scaler, prec = C.precision(device)
     ckpt_path, ck = os.path.join(args.out_dir, "ckpt.pt"), load_ckpt(args.ckpt) if args.ckpt else None
-    if args.eval_only or args.predict:  # the raw and the EMA weights of the checkpoint
-        models = {k: build_model(args, len(ck["classes"])).to(device).eval() for k in ("model", "ema") if ck.get(k)}
+    models, (data, classes) = {}, (None, ck["classes"]) if ck else load_cifar(args.dataset, args.data_dir)
+    C.seed_everything(args.seed)
+    if args.pretrained and not ck:  # the shape, the input size and statistics come from the weights
+        try:
+            raw, info = C.load_pretrained(args.pretrained, len(classes), args.img_size, drop_path=args.drop_path)
+        except C.CheckpointError as e:
+            C.die(str(e))
+        args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]
+        models = {"pretrained": raw.to(device)}
+    else:
+        raw = build_model(args, len(classes)).to(device)
+    args.img_size, args.mean, args.std = args.arch["img_size"], args.mean or DATASETS[args.dataset][6], \
+        args.std or DATASETS[args.dataset][7]
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (args.mean, args.std))
+    size = args.img_size
+
+    def prep(x):  # float [0, 1] (B, 3, 32, 32) -> normalised (B, 3, size, size); the resize is on the device too
+        x = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return (x - mean) / std
+
+    if ck and (args.eval_only or args.predict):  # the raw and the EMA weights of the checkpoint
+        models = {k: build_model(args, len(classes)).to(device).eval() for k in ("model", "ema") if ck.get(k)}
         try:
             for k, m in models.items():
                 C.load_weights(m, ck[k], f"checkpoint's {k}")
-            x = torch.stack([C.read_image(f, 32) for f in args.predict or []] or [torch.zeros(3, 32, 32)])
+            x = torch.stack([C.read_image(f, size) for f in args.predict or []] or [torch.zeros(3, 32, 32)])
         except (C.CheckpointError, ValueError) as e:
             C.die(str(e))
         if args.predict:  # EMA weights when there are, test-time flip
-            m, x = models.get("ema", models["model"]), norm(x.to(device))
+            m, x = models.get("ema", models["model"]), prep(x.to(device))
             with torch.no_grad(), autocast():
-                return C.print_top5((m(x).float() + m(x.flip(-1)).float()) / 2, args.predict, ck["classes"])
-    data, classes = load_cifar(args.dataset, args.data_dir)
+                return C.print_top5((m(x).float() + m(x.flip(-1)).float()) / 2, args.predict, classes)
+    data = data or load_cifar(args.dataset, args.data_dir)[0]
     (xtr, ytr), (xte, yte) = [(x.to(device), y.to(device)) for x, y in (data["train"], data["test"])]
 
     def test(m, flip=False):  # (loss, top-1 %)
-        s = C.evaluate(m, ((norm(xte[i:i + 1000].float() / 255), yte[i:i + 1000]) for i in range(0, len(xte), 1000)),
+        s = C.evaluate(m, ((prep(xte[i:i + 500].float() / 255), yte[i:i + 500]) for i in range(0, len(xte), 500)),
                        autocast, flip).tolist()
         return s[0] / s[3], 100 * s[1] / s[3]
 
     if args.eval_only:
+        if "pretrained" in models and not info["head_kept"]:
+            print(f"note: the weights have no head for {len(classes)} classes, so a new (zero) one scores chance")
         for k, m in models.items():
             (lo, ac), (lf, af) = test(m), test(m, flip=True)
             print(f"{k} | test loss {lo:.4f} acc {ac:.2f}% | with flip: loss {lf:.4f} acc {af:.2f}%")
@@ -298,9 +337,9 @@ def main():
     if spe == 0:
         C.die(f"--batch-size {bs} is larger than the {n} training images")
     total, warm = args.epochs * spe, round(args.warmup * spe)
-    C.seed_everything(args.seed)
-    raw = build_model(args, len(classes)).to(device)
-    opt = C.make_optimizer(raw, args.lr, args.weight_decay)
+    if args.freeze:
+        C.freeze_all_but_head(raw)
+    opt = C.make_optimizer(raw, args.lr, args.weight_decay, layer_decay=args.layer_decay)
     ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     gen = torch.Generator(device)  # data order and augmentation draws; the global RNG drives mixing and drop-path
     gen.manual_seed(args.seed)
@@ -338,7 +377,8 @@ def main():
                                perm=perm.cpu() if batch else None, elapsed=time.time() - t_start,
                                args=vars(args), classes=classes), ckpt_path)
 
-    log(f"{args.dataset}: {n} train / {len(xte)} test images on {device} ({prec}) | {args.model} "
+    log(f"{args.dataset}: {n} train / {len(xte)} test images on {device} ({prec}) | "
+        f"{f'{args.pretrained} (pretrained)' if args.pretrained else args.model} {size}px "
         f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | {spe} steps/epoch | from step {step}")
     try:
         for epoch in range(epoch, args.epochs):
@@ -350,12 +390,11 @@ def main():
                 timed = not cuda or (step + 1) % args.log_every == 0  # on CUDA a sync only on a log step
                 t0 = tick() if timed else 0
                 idx = perm[batch * bs:(batch + 1) * bs]
-                x, y = norm(augment(xtr[idx], gen, args, mean)), ytr[idx]
+                x, y = prep(augment(xtr[idx], gen, args, mean)), ytr[idx]
                 x, y = mix(x, y) if mix else (x, y)  # y: (B,) class ids, or (B, classes) mixed soft targets
                 t1 = tick() if timed else 0
                 lr = C.lr_at(step, total, args.lr, warm)
-                for g in opt.param_groups:
-                    g["lr"] = lr
+                C.set_lr(opt, lr)
                 with autocast():
                     loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -402,7 +441,7 @@ def main():
         lo, ac = test(m, flip=True)
         log(f"final {k} with test-time flip | test loss {lo:.4f} acc {ac:.2f}% | {C.fmt_time(time.time() - t_start)}")
     pick = torch.linspace(0, len(xte) - 1, 8, device=device).long()  # spread out: some copies are sorted by class
-    save_attention(raw, xte[pick].float() / 255, norm, os.path.join(args.out_dir, "attention.png"))
+    save_attention(raw, xte[pick].float() / 255, prep, os.path.join(args.out_dir, "attention.png"))
     plot_curves(os.path.join(args.out_dir, "log.csv"), os.path.join(args.out_dir, "curves.png"))
 
 

@@ -6,6 +6,9 @@ many nodes with PyTorch's data parallelism (torchrun + DistributedDataParallel).
     python vit_imagenet.py --data-dir /data/tiny-imagenet-200 --img-size 64 --warmup 2000  # patch 8 at 64 px
     python vit_imagenet.py --resume out/vit_imagenet/ckpt.pt               # continue exactly (after Ctrl-C too)
     python vit_imagenet.py --resume out/vit_imagenet/ckpt.pt --eval-only  # or --predict cat.jpg dog.png
+    python vit_imagenet.py --data-dir /data/flowers --pretrained vit_b_16  # fine-tune torchvision's ViT-B/16
+    python vit_imagenet.py --data-dir /data/imagenet --pretrained vit_b_16 --eval-only  # its ImageNet accuracy
+    python vit_imagenet.py --pretrained vit_b_16 --predict cat.jpg         # its ImageNet top-5
 Several machines: the same command on every node (--data-dir, --resume readable on each; rank 0 writes), e.g.
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id job1 \\
         vit_imagenet.py --data-dir /data/imagenet
@@ -54,12 +57,14 @@ from torchvision.transforms import v2
 
 import common
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, applied on the device
 EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io.decode_image reads
 COLUMNS = ["epoch", "train_loss", "test_loss", "test_acc", "test_acc5", "lr", "img_per_s", "elapsed_s"]
 # what a --resume may change; every other setting comes from the checkpoint, so that the run continues exactly
 RUNTIME = {"data_dir", "val_dir", "out_dir", "workers", "device", "threads", "compile", "resume", "eval_only",
            "predict", "log_every", "stop_after"}
+# --pretrained's recipe for the flags not given: short, small lr, no MixUp; weight decay as torch AdamW's (x lr)
+FINETUNE = dict(epochs=10, batch_size=512, lr=1e-4, warmup=500, weight_decay=0.05, mixup=0.0, cutmix=0.0,
+                label_smoothing=0.1, drop_path=0.1, crop_scale=0.08, randaug_mag=9)
 
 
 def get_args(argv=None):
@@ -70,7 +75,7 @@ def get_args(argv=None):
     a("--val-dir", default="auto", help="evaluation folder inside --data-dir; auto: val/, else test/")
     a("--out-dir", help="for ckpt.pt, log.txt, log.csv; default out/vit_imagenet, or the --resume checkpoint's folder")
     a("--model", default="vit_s16", choices=list(common.PRESETS), help="common.py preset (width, depth, heads)")
-    a("--img-size", type=int, default=224, help="train and eval resolution (64 suits TinyImageNet)")
+    a("--img-size", type=int, default=0, help="train and eval resolution; 0: 224, or the --pretrained weights'")
     a("--patch", type=int, default=0, help="patch size; 0: 16 from 128 px, 8 from 64 px, else 4")
     a("--depth", type=int, default=0, help="transformer blocks; 0: the preset's")
     a("--pool", default="mean", choices=["mean", "cls"], help="classify the mean token (recipe) or a class token")
@@ -91,6 +96,11 @@ def get_args(argv=None):
     a("--mixup", type=float, default=0.2, help="MixUp alpha (0: off); with --cutmix, one of the two per batch")
     a("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
     a("--ema", type=float, default=0.0, help="EMA of the weights, decay per step, e.g. 0.9998 (0: off)")
+    a("--pretrained", metavar="SOURCE", help="start from ViT weights: a torchvision name (vit_b_16, vit_l_16:"
+      "IMAGENET1K_SWAG_E2E_V1) or a torchvision / timm state_dict or ckpt.pt file; the model's shape and input "
+      f"statistics come from the weights, a new head unless the classes match; recipe {FINETUNE} unless given")
+    a("--freeze", action="store_true", help="train only the head (a linear probe; recipe lr 1e-3)")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay per block from the head down (1: off)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--threads", type=int, default=0, help="CPU threads of each process (0: torch's default; torchrun sets 1)")
@@ -103,9 +113,13 @@ def get_args(argv=None):
     a("--predict", nargs="+", metavar="FILE", help="print the top-5 classes of these images (with --resume)")
     a("--log-every", type=float, default=30.0, help="seconds between progress lines")
     a("--stop-after", type=int, default=0, help="stop after this many steps of this run, saving as Ctrl-C does")
-    args, ckpt = p.parse_args(argv), None
-    if (args.eval_only or args.predict) and not args.resume:
-        p.error("--eval-only and --predict need --resume CKPT")
+    args, ckpt, given = p.parse_args(argv), None, common.given_args(p, argv)
+    args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
+    if (args.eval_only or args.predict) and not (args.resume or args.pretrained):
+        p.error("--eval-only and --predict need --resume CKPT or --pretrained SOURCE")
+    if args.pretrained and not args.resume:
+        for k, v in {**FINETUNE, **(dict(lr=1e-3, drop_path=0.0) if args.freeze else {})}.items():
+            setattr(args, k, getattr(args, k) if k in given else v)
     if args.resume:
         try:
             ckpt = common.load_checkpoint(args.resume, required=("model", "args", "classes", "epoch", "step"))
@@ -115,21 +129,24 @@ def get_args(argv=None):
                    if k not in RUNTIME and v not in (p.get_default(k), ckpt["args"].get(k))]
         if ignored and os.environ.get("RANK", "0") == "0":
             print("note: --resume keeps the checkpoint's " + ", ".join("--" + k.replace("_", "-") for k in ignored))
-        args = argparse.Namespace(**{**vars(p.parse_args([])), **ckpt["args"],  # defaults: flags newer than ckpt
+        args = argparse.Namespace(**{**vars(p.parse_args([])), "arch": None, "mean": None, "std": None,
+                                     **ckpt["args"],  # defaults: for flags newer than the checkpoint
                                      **{k: v for k, v in vars(args).items() if k in RUNTIME}})
         args.data_dir = args.data_dir or ckpt["args"].get("data_dir")
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
     args.out_dir = args.out_dir or os.path.join("out", "vit_imagenet")
+    args.img_size = args.img_size or (0 if args.pretrained else 224)  # 0: the weights' resolution
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
     v = vars(args)
-    bad = ([k for k in ("epochs", "batch_size", "accum_steps", "img_size", "patch", "lr") if v[k] <= 0]
-           + [k for k in ("depth", "warmup", "workers", "randaug", "stop_after", "weight_decay", "clip", "mixup",
-                          "cutmix", "label_smoothing", "drop_path", "ema") if v[k] < 0]
-           + [k for k in ("label_smoothing", "drop_path", "ema") if v[k] >= 1]
+    bad = ([k for k in ("epochs", "batch_size", "accum_steps", "patch", "lr") if v[k] <= 0]
+           + [k for k in ("img_size", "depth", "warmup", "workers", "randaug", "stop_after", "weight_decay", "clip",
+                          "mixup", "cutmix", "label_smoothing", "drop_path", "ema") if v[k] < 0]
+           + [k for k in ("label_smoothing", "drop_path", "ema") if v[k] >= 1] + ["layer_decay"] * (
+               not 0 < args.layer_decay <= 1)
            + [k for k in ("crop_scale", "crop_pct") if not 0 < v[k] <= 1])
     if bad:
         p.error(f"--{bad[0].replace('_', '-')} {v[bad[0]]} is out of range (see --help)")
-    if not (args.data_dir or args.predict or args.synthetic):
+    if not (args.data_dir or args.predict or args.synthetic):  # --predict: classes from the ckpt or the weights
         p.error("--data-dir is required")
     return args, ckpt
 
@@ -294,7 +311,7 @@ def main():
     rank, world, device = setup(args.device)
     common.seed_everything(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    classes = ckpt["classes"] if args.predict else None
+    classes = ckpt["classes"] if args.predict and ckpt else None
     if args.synthetic:  # ImageNet's sizes
         classes = [f"class{i}" for i in range(1000)]
         train_s, val_s = ([(None, i % 1000) for i in range(n)] for n in (1281167, 50000))
@@ -304,16 +321,30 @@ def main():
             common.die(f"{args.data_dir}/train has other classes ({len(classes)}) than the checkpoint "
                        f"({len(ckpt['classes'])})")
     try:
-        model = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch, num_classes=len(classes),
-                                  pool=args.pool, pos_embed=args.pos_embed, drop_path=args.drop_path,
-                                  **({"depth": args.depth} if args.depth else {})).to(device)
-    except ValueError as e:
+        if args.pretrained and not ckpt:  # the shape and input statistics from the weights
+            model, info = common.load_pretrained(args.pretrained, len(classes) if classes else None,
+                                                 args.img_size or None, drop_path=args.drop_path)
+            args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]
+            classes = classes or info["classes"] or [str(i) for i in range(model.num_classes)]
+            if rank == 0:
+                print(f"{args.pretrained}: {info['style']} ViT, {args.arch}, " + ("its head kept" if info["head_kept"]
+                      else f"a new head for {len(classes)} classes"))
+        else:
+            args.arch = args.arch or {**{k: v for k, v in common.PRESETS[args.model].items() if k != "num_classes"},
+                                      "img_size": args.img_size, "patch_size": args.patch, "pool": args.pool,
+                                      "pos_embed": args.pos_embed, **({"depth": args.depth} if args.depth else {})}
+            model = common.ViT(**args.arch, num_classes=len(classes), drop_path=args.drop_path)
+    except (ValueError, common.CheckpointError) as e:
         common.die(str(e))
+    model, args.img_size = model.to(device), args.arch["img_size"]
+    args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # applied on the device
+    if args.freeze:
+        common.freeze_all_but_head(model)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    opt = common.make_optimizer(model, args.lr, args.weight_decay)
+    opt = common.make_optimizer(model, args.lr, args.weight_decay, layer_decay=args.layer_decay)
     autocast, scaler, prec = common.precision(device)
     step, elapsed, epoch_loss = 0, 0.0, 0.0
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (args.mean, args.std))
     prep = lambda x: (x.to(device, non_blocking=True).float() - mean) / std  # noqa: E731 uint8 -> float, on device
     if ckpt:
         try:
@@ -402,8 +433,7 @@ def main():
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             lr = common.lr_at(step, total, args.lr, args.warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            common.set_lr(opt, lr)
             if args.clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
