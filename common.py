@@ -10,6 +10,8 @@ import csv
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -491,3 +493,53 @@ class Logger:
         if self.enabled:
             with open(os.path.join(self.out_dir, "log.csv"), "a", newline="") as f:
                 csv.writer(f).writerow([values[c] for c in self.columns])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM set it: the loop finishes its step, saves and exits; a second signal stops at once."""
+
+    def __init__(self, verbose=True):
+        self.reasons, self.verbose = [], verbose  # signal names, or a script's own reasons such as --stop-after
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self)
+
+    def __call__(self, signum, _):
+        if self.reasons:
+            raise KeyboardInterrupt
+        self.reasons.append(signal.Signals(signum).name)
+        if self.verbose:
+            print(f"{self.reasons[0]}: stopping after this step (again to stop at once)", flush=True)
+
+    def __bool__(self):
+        return bool(self.reasons)
+
+
+def resume_command(ckpt_path, drop=("--resume", "--interrupt-at", "--stop-after"), launcher="python"):
+    """This run's command line with --resume ckpt_path (and without the one-off flags)."""
+    argv, it = [], iter(sys.argv[1:])
+    for a in it:
+        if a in drop:
+            next(it, None)
+        elif not a.startswith(tuple(d + "=" for d in drop)):
+            argv.append(a)
+    return f"{launcher} {shlex.join([sys.argv[0], *argv, '--resume', ckpt_path])}"
+
+
+def plot_curves(csv_path, png_path):
+    """Loss and accuracy per epoch from log.csv, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib not installed: skipped curves.png")
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["test_acc"]]
+    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(col("epoch"), col("train_loss"), label="train")
+    ax1.plot(col("epoch"), col("test_loss"), label="test")
+    ax2.plot(col("epoch"), col("test_acc"))
+    ax1.set(xlabel="epoch", title="loss"), ax2.set(xlabel="epoch", title="test accuracy %"), ax1.legend()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

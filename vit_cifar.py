@@ -22,11 +22,9 @@ cifar_cpu step, 0.2% of a cifar_s step (batch 128).
 """
 import argparse
 import contextlib
-import csv
 import json
 import os
 import pickle
-import shlex
 import signal
 import sys
 import time
@@ -215,51 +213,6 @@ def build_model(args, num_classes):
         C.die(f"bad model flags: {e}")
 
 
-class StopFlag:
-    """Ctrl-C / SIGTERM: stop after the current step and save an exact checkpoint; a second one stops at once."""
-
-    def __init__(self):
-        self.set = False
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self)
-
-    def __call__(self, *_):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        print("interrupt: stopping after this step (again to stop at once)", flush=True)
-
-
-def resume_cmd(ckpt_path):
-    argv, it = [], iter(sys.argv[1:])
-    for a in it:
-        if a in ("--resume", "--interrupt-at"):
-            next(it, None)
-        elif not a.startswith(("--resume=", "--interrupt-at=")):
-            argv.append(a)
-    return shlex.join(["python", sys.argv[0], *argv, "--resume", ckpt_path])
-
-
-def plot_curves(csv_path, png_path):
-    """Loss and accuracy per epoch from log.csv, if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("matplotlib not installed: skipped curves.png")
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["test_acc"]]
-    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(col("epoch"), col("train_loss"), label="train")
-    ax1.plot(col("epoch"), col("test_loss"), label="test")
-    ax2.plot(col("epoch"), col("test_acc"))
-    ax1.set(xlabel="epoch", title="loss"), ax2.set(xlabel="epoch", title="test accuracy %"), ax1.legend()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
 @torch.no_grad()
 def save_attention(model, x, prep, path):
     """8 test images beside the last block's attention (class token's, or mean over queries), heads averaged."""
@@ -367,7 +320,7 @@ def main():
     log = C.Logger(args.out_dir, COLUMNS, append=bool(ck))
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    stop, t_start = StopFlag(), time.time() - elapsed
+    stop, t_start = C.StopFlag(), time.time() - elapsed
 
     def save(epoch, batch):  # everything to continue bit-exactly from step `step`
         rng = dict(cpu=torch.get_rng_state(), gen=gen.get_state(), cuda=torch.cuda.get_rng_state_all() if cuda else [])
@@ -409,7 +362,7 @@ def main():
                 step, run_loss = step + 1, run_loss + loss.detach()  # no host sync until a log line
                 if timed:
                     aug_t, step_t = aug_t + t1 - t0, step_t + tick() - t0
-                if step % args.log_every == 0 or batch == spe - 1 or stop.set:
+                if step % args.log_every == 0 or batch == spe - 1 or stop:
                     k, now = step - s_log, time.time()
                     sums = [sums[0] + float(run_loss), sums[1] + k]
                     log(f"ep {epoch + 1}/{args.epochs} | step {step}/{total} | loss {float(run_loss) / k:.4f} | "
@@ -418,9 +371,9 @@ def main():
                     t_log, s_log, run_loss = now, step, 0.0
                 if step == args.interrupt_at:
                     os.kill(os.getpid(), signal.SIGTERM)
-                if stop.set:
+                if stop:
                     save(epoch, batch + 1)
-                    print(f"saved {ckpt_path} at step {step}; resume with: {resume_cmd(ckpt_path)}", flush=True)
+                    print(f"saved {ckpt_path} at step {step}; resume with: {C.resume_command(ckpt_path)}", flush=True)
                     sys.exit(130)
             batch, ips = 0, (spe - b0) * bs / (time.time() - t_ep)
             row = dict(epoch=epoch + 1, train_loss=f"{sums[0] / sums[1]:.4f}", test_loss="", test_acc="",
@@ -434,7 +387,7 @@ def main():
             log.row(**row, elapsed_s=f"{time.time() - t_start:.1f}")
             log(f"{msg} | {ips:.0f} img/s | {C.fmt_time(time.time() - t_start)}")
     except KeyboardInterrupt:
-        print(f"stopped; {ckpt_path} holds the last saved state" + (f"; resume with: {resume_cmd(ckpt_path)}"
+        print(f"stopped; {ckpt_path} holds the last saved state" + (f"; resume with: {C.resume_command(ckpt_path)}"
               if os.path.exists(ckpt_path) else " (none saved yet)"), flush=True)
         sys.exit(130)
     for k, m in [("model", raw)] + ([("ema", ema.module)] if ema else []):
@@ -442,7 +395,7 @@ def main():
         log(f"final {k} with test-time flip | test loss {lo:.4f} acc {ac:.2f}% | {C.fmt_time(time.time() - t_start)}")
     pick = torch.linspace(0, len(xte) - 1, 8, device=device).long()  # spread out: some copies are sorted by class
     save_attention(raw, xte[pick].float() / 255, prep, os.path.join(args.out_dir, "attention.png"))
-    plot_curves(os.path.join(args.out_dir, "log.csv"), os.path.join(args.out_dir, "curves.png"))
+    C.plot_curves(os.path.join(args.out_dir, "log.csv"), os.path.join(args.out_dir, "curves.png"))
 
 
 if __name__ == "__main__":

@@ -253,15 +253,6 @@ def worker_init(_):
     threading.Thread(target=wait_for_parent, daemon=True).start()
 
 
-STOP = []  # why to stop (signal names, --stop-after): acted on at a step boundary that every process agrees on
-
-
-def on_signal(signum, _):
-    if STOP:  # a second Ctrl-C: stop now, without saving
-        raise KeyboardInterrupt
-    STOP.append(signal.Signals(signum).name)
-
-
 class Sampler(DistributedSampler):
     """A DistributedSampler that can start an epoch part-way, after a mid-epoch checkpoint."""
     skip = 0
@@ -295,8 +286,7 @@ def evaluate(model, dl, prep, autocast, skips, world, device):
         for x, y, bad in dl:
             skips(bad, len(y))
             yield prep(x), y.to(device, non_blocking=True)
-    sums = common.evaluate(model, batches(), autocast)
-    sums = torch.zeros(4, dtype=torch.float64, device=device) if sums is None else sums  # an empty shard
+    sums = common.evaluate(model, batches(), autocast)  # zeros for an empty shard
     if world > 1:
         dist.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
@@ -400,8 +390,7 @@ def main():
         f"{len(train_ds)} train / {len(val_ds)} val images, {len(classes)} classes | {args.model} patch {args.patch} "
         f"{args.img_size}px {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {total} steps, warmup "
         f"{args.warmup}" + (f" | resumed at step {step}" if ckpt else ""))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    stop = common.StopFlag(verbose=rank == 0)  # acted on at a step that every process agrees on
 
     def agreed(flag):  # True in every process if True in any
         if world > 1:
@@ -449,8 +438,8 @@ def main():
                     f"lr {lr:.1e} | {rate((s + 1 - s0) * B / dt)} img/s | data {100 * wait / dt:.0f}% | "
                     f"eta {common.fmt_time(dt / (s + 1 - s0) * (total - step))}")
             if args.stop_after and step - first == args.stop_after:
-                STOP.append("--stop-after")
-            stopping = (world == 1 or step % 20 == 0 or args.stop_after) and agreed(bool(STOP))  # 1 in 20: sync
+                stop.reasons.append("--stop-after")
+            stopping = (world == 1 or step % 20 == 0 or args.stop_after) and agreed(bool(stop))  # 1 in 20: sync
             if stopping:
                 break
         if world > 1:
@@ -473,11 +462,14 @@ def main():
                                     loss_sum.item(), "elapsed": time.time() - t_start, "classes": classes,
                                     "args": vars(args)}, ckpt_path)
         s0 = 0
-        if (stopping or agreed(bool(STOP))) and step < total:
+        if (stopping or agreed(bool(stop))) and step < total:
             del it  # ends the workers now
-            log(f"stopped ({', '.join(STOP) or 'another process'}) at step {step}/{total}; {ckpt_path} saved; continue "
-                f"with: {'torchrun <same options> ' if world > 1 else 'python '}{sys.argv[0]} --resume {ckpt_path}")
-            sys.exit(0 if STOP == ["--stop-after"] else 130)
+            again = common.resume_command(ckpt_path, launcher="torchrun <its options>" if world > 1 else "python")
+            log(f"stopped ({', '.join(stop.reasons) or 'another process'}) at step {step}/{total}; {ckpt_path} saved; "
+                f"continue with: {again}")
+            sys.exit(0 if stop.reasons == ["--stop-after"] else 130)
+    if rank == 0:
+        common.plot_curves(os.path.join(args.out_dir, "log.csv"), os.path.join(args.out_dir, "curves.png"))
 
 
 if __name__ == "__main__":
