@@ -10,13 +10,13 @@ crop, flip, a per-sample TrivialAugment-style policy, random erasing and MixUp/C
     python vit_cifar.py --pretrained vit_b_16 --freeze       # a linear probe: only the new head learns
 
 GPU (one H100: default recipe, --epochs 100, CIFAR-100, img/s, share of the bf16 ceiling): not yet measured.
-CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 shared with other jobs, torch 2.14.1):
-    OMP_WAIT_POLICY=PASSIVE python vit_cifar.py --device cpu --model cifar_cpu --pool mean --pos-embed sincos \
-        --epochs 4 --batch-size 64 --lr 1.5e-3 --warmup 0.25 --policy none --mixup 0 --cutmix 0 --erase 0 \
-        --drop-path 0 --ema 0 --data-dir DATA
-    -> 58.41% test accuracy (59.35% with test-time flip) in 36m54s wall, 93-114 img/s; augmentation 0.6% of a step.
-    Short of 70% in 30 minutes. PASSIVE: with OpenMP's default spinning, a second busy process makes 2 threads
-    ~5x slower (21 vs 117 img/s measured here).
+CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else running, torch 2.14.1):
+    python vit_cifar.py --device cpu --model cifar_cpu --depth 4 --pool mean --pos-embed sincos --epochs 9 \
+        --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 --drop-path 0 \
+        --ema 0.999 --eval-every 3 --data-dir DATA
+    -> 67.12% test accuracy (67.56% with test-time flip; EMA 66.34%) in 33m28s wall, 191-300 img/s (the VM slowed
+    down during the run); augmentation 1.0% of a step. Short of 70% in 30 minutes. On a CPU that other processes
+    use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
 Augmentation cost on that CPU, full default policy (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
 cifar_cpu step, 0.2% of a cifar_s step (batch 128).
 """
