@@ -368,6 +368,12 @@ def freeze_all_but_head(model):
         p.requires_grad = name.startswith("head.")
 
 
+def apply_recipe(args, recipe, given):
+    """--pretrained's fine-tuning values for the flags not given on the command line (--freeze: a linear probe's)."""
+    for k, v in {**recipe, **(dict(lr=1e-3, drop_path=0.0) if args.freeze else {})}.items():
+        setattr(args, k, getattr(args, k) if k in given else v)
+
+
 def given_args(parser, argv=None):
     """The names of the options given on the command line (parsed again with every default suppressed)."""
     saved = [a.default for a in parser._actions]

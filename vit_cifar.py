@@ -14,7 +14,7 @@ CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else ru
     python vit_cifar.py --device cpu --model cifar_cpu --depth 4 --pool mean --pos-embed sincos --epochs 9 \
         --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 --drop-path 0 \
         --ema 0.999 --eval-every 3 --data-dir DATA
-    -> 67.12% test accuracy (67.56% with test-time flip; EMA 66.34%) in 33m28s wall, 191-300 img/s (the VM slowed
+    -> 67.12% test accuracy (67.56% with test-time flip; EMA 66.34%) in 33m27.8s wall, 191-300 img/s (the VM slowed
     down during the run); augmentation 1.0% of a step. Short of 70% in 30 minutes. On a CPU that other processes
     use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
 Augmentation cost on that CPU, full default policy (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
@@ -99,8 +99,7 @@ def get_args(argv=None):
                                      **{k: getattr(args, k) for k in given}})
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     elif args.pretrained:
-        for k, v in {**FINETUNE, **(dict(lr=1e-3, drop_path=0.0) if args.freeze else {})}.items():
-            setattr(args, k, getattr(args, k) if k in given else v)
+        C.apply_recipe(args, FINETUNE, given)
     args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
     for name in ("epochs", "batch_size", "eval_every", "log_every"):
         if getattr(args, name) < 1:

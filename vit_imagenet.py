@@ -118,8 +118,7 @@ def get_args(argv=None):
     if (args.eval_only or args.predict) and not (args.resume or args.pretrained):
         p.error("--eval-only and --predict need --resume CKPT or --pretrained SOURCE")
     if args.pretrained and not args.resume:
-        for k, v in {**FINETUNE, **(dict(lr=1e-3, drop_path=0.0) if args.freeze else {})}.items():
-            setattr(args, k, getattr(args, k) if k in given else v)
+        common.apply_recipe(args, FINETUNE, given)
     if args.resume:
         try:
             ckpt = common.load_checkpoint(args.resume, required=("model", "args", "classes", "epoch", "step"))
