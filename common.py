@@ -340,7 +340,7 @@ def seed_everything(seed):
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), layer_decay=1.0):
-    """AdamW; no weight decay on biases, norms, pos_embed and cls_token. Fused kernel on CUDA. layer_decay < 1 scales
+    """AdamW, fused; no weight decay on biases, norms, pos_embed and cls_token. layer_decay < 1 scales
     block i's lr by layer_decay ** (depth - i), the embeddings' one step lower (BEiT's layer-wise decay): each group
     has an 'lr_scale' for the training loop to multiply."""
     depth, groups = len(getattr(model, "blocks", ())), {}
@@ -352,7 +352,7 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), layer_decay=1.0)
         wd = 0.0 if p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token") else weight_decay
         scale = layer_decay ** (depth + 1 - layer)
         groups.setdefault((scale, wd), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
-    fused = all(p.is_cuda for g in groups.values() for p in g["params"])
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups.values() for p in g["params"])  # CPU: ~10% faster
     groups = [g for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]  # decayed first
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 

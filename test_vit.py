@@ -189,7 +189,9 @@ def test_lr_schedule_is_pure_warmup_cosine():
 
 def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
     m = ViT(img_size=16, patch_size=4, num_classes=3, dim=32, depth=2, heads=2)
-    decay, no_decay = common.make_optimizer(m, 1e-3, 0.05).param_groups
+    opt = common.make_optimizer(m, 1e-3, 0.05)
+    decay, no_decay = opt.param_groups
+    assert opt.defaults["fused"]  # one kernel for every tensor, on CPU too
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -325,6 +327,14 @@ def test_mini_state_dict_parity_with_common(tmp_path):
             a, b = mini(x), ref(x)
         assert a.shape == (5, 10) and a.abs().max() > 1e-3
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    # --tta: the test accuracy of the mean logits of each image and its mirror image
+    xu, y = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8), torch.arange(6)
+    with torch.no_grad():
+        inp = mini_vit.to_input(xu, 0.3, 0.4)
+        logits = (mini(inp) + mini(inp.flip(3))) / 2
+    loss, acc = mini_vit.evaluate(mini, xu, y, 0.3, 0.4, contextlib.nullcontext(), flip=True)
+    assert abs(loss - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
+    assert acc == 100.0 * (logits.argmax(1) == y).sum().item() / 6
 
 
 def test_mini_missing_dataset_offline(tmp_path):

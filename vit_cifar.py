@@ -15,8 +15,10 @@ CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else ru
         --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 --drop-path 0 \
         --ema 0.999 --eval-every 3 --data-dir DATA
     -> 67.12% test accuracy (67.56% with test-time flip; EMA 66.34%) in 33m27.8s wall, 191-300 img/s (the VM slowed
-    down during the run); augmentation 1.0% of a step. Short of 70% in 30 minutes. On a CPU that other processes
-    use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
+    down during the run); augmentation 1.0% of a step. Short of 70% in 30 minutes. The same with --epochs 10
+    --ema 0 --eval-every 5 and AdamW fused on CPU (~10% faster steps in isolation): 66.08% (66.83% with flip) in
+    34m01s wall, 128-374 img/s: the VM's speed varies by 2x and two runs differ by about a point. On a CPU that other
+    processes use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
 Augmentation cost on that CPU, full default policy (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
 cifar_cpu step, 0.2% of a cifar_s step (batch 128).
 """
