@@ -11,14 +11,13 @@ crop, flip, a per-sample TrivialAugment-style policy, random erasing and MixUp/C
 
 GPU (one H100: default recipe, --epochs 100, CIFAR-100, img/s, share of the bf16 ceiling): not yet measured.
 CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else running, torch 2.14.1):
-    python vit_cifar.py --device cpu --model cifar_cpu --depth 4 --pool mean --pos-embed sincos --epochs 9 \
-        --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 --drop-path 0 \
-        --ema 0.999 --eval-every 3 --data-dir DATA
-    -> 67.12% test accuracy (67.56% with test-time flip; EMA 66.34%) in 33m27.8s wall, 191-300 img/s (the VM slowed
-    down during the run); augmentation 1.0% of a step. Short of 70% in 30 minutes. The same with --epochs 10
-    --ema 0 --eval-every 5 and AdamW fused on CPU (~10% faster steps in isolation): 66.08% (66.83% with flip) in
-    34m01s wall, 128-374 img/s: the VM's speed varies by 2x and two runs differ by about a point. On a CPU that other
-    processes use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
+    python vit_cifar.py --device cpu --model cifar_cpu --dim 96 --heads 3 --depth 4 --pool mean --pos-embed sincos \
+        --epochs 11 --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 \
+        --drop-path 0 --ema 0 --eval-every 11 --data-dir DATA
+    -> 70.01% test accuracy with test-time flip (69.96% without) in 23m42.6s wall, 347-495 img/s, 0.31M params;
+    augmentation 1.5% of a step. Width 128 (0.54M params) is slower per image: 9 epochs 67.12%, 33m27.8s; 10 epochs
+    66.08% (66.83% with flip), 34m01.4s; two runs differ by about a point. On a CPU that other processes use, set
+    OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
 Augmentation cost on that CPU, full default policy (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
 cifar_cpu step, 0.2% of a cifar_s step (batch 128).
 """
