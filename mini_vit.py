@@ -211,7 +211,9 @@ def evaluate(model, x, y, mean, std, amp, flip=False):
     for i in range(0, len(x), 1000):
         xb = to_input(x[i:i + 1000], mean, std)
         with amp:
-            logits = model(xb).float() if not flip else (model(xb).float() + model(xb.flip(3)).float()) / 2
+            logits = model(xb).float()
+            if flip:
+                logits = (logits + model(xb.flip(3)).float()) / 2
         loss += F.cross_entropy(logits, y[i:i + 1000], reduction='sum').item()
         correct += (logits.argmax(1) == y[i:i + 1000]).sum().item()
     model.train()
