@@ -768,6 +768,7 @@ def bench(rounds=8, steps=2):
     dtype = torch.bfloat16 if prec == "bfloat16" else torch.float32
     n = 8192 if dev.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    timed(lambda: a @ b, 3, dev)  # warm up: the first CUDA matmul also creates the cuBLAS handle
     ceiling = 2 * n ** 3 * 10 / timed(lambda: a @ b, 10, dev)
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), torch {torch.__version__},"
           f" {prec}, {torch.get_num_threads()} threads; {n}x{n} matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
@@ -813,6 +814,58 @@ def bench(rounds=8, steps=2):
                   f"  speed ratio this/{k} = {ratio:.3f}")
 
 
+def bench_aug():
+    """vit_cifar's augmentation (policy, erasing, MixUp/CutMix) as a share of a training step of its default model:
+    the same step fed by a fixed, pre-made batch or by augment() per batch or in vit_cifar's chunks, interleaved."""
+    import argparse
+    from torchvision.transforms import v2
+    import vit_cifar
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast, _, prec = common.precision(dev)
+    cuda = dev.type == "cuda"
+    bs, steps, rounds = (512, 32, 5) if cuda else (64, 4, 3)
+    chunk = max(1, 8192 // bs)  # steps is a multiple of it on CUDA; on CPU vit_cifar augments per batch
+    x_all = torch.randint(0, 256, (chunk * bs, 3, 32, 32), dtype=torch.uint8, device=dev)
+    y_all = torch.randint(0, 10, (chunk * bs,), device=dev)
+    mean = torch.tensor((0.49, 0.48, 0.45), device=dev).view(1, 3, 1, 1)
+    a, gen = argparse.Namespace(policy="trivial", erase=0.25), torch.Generator(dev).manual_seed(0)
+    mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=10), v2.CutMix(alpha=1.0, num_classes=10)])
+    model = common.create_vit("cifar_s", drop_path=0.1).to(dev)
+    opt = common.make_optimizer(model, 1e-4, 0.05)
+    fm = torch.compile(model) if cuda else model
+    fixed, st = mix((x_all[:bs].float() / 255 - mean), y_all[:bs]), {}
+
+    def feed(i, how):  # vit_cifar's loop: augment, normalise, mix
+        if how == "per batch" or i % chunk == 0:
+            n = bs if how == "per batch" else chunk * bs
+            idx = torch.randperm(len(x_all), generator=gen, device=dev)[:n]
+            st["x"], st["y"], st["i"] = vit_cifar.augment(x_all[idx], gen, a, mean), y_all[idx], i
+        j = (i - st["i"]) * bs
+        return mix(st["x"][j:j + bs] - mean, st["y"][j:j + bs])
+
+    def run(how):
+        for i in range(steps):
+            x, y = fixed if how == "fixed batch" else feed(i, how)
+            with autocast():
+                loss = F.cross_entropy(fm(x), y, label_smoothing=0.1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    hows = ["fixed batch", "per batch"] + ([f"chunks of {chunk}"] if cuda else [])
+    for h in hows:
+        run(h)  # warm up (and compile)
+    times = {h: [] for h in hows}
+    for r in range(rounds):
+        for h in hows[::(-1) ** r]:
+            times[h].append(timed(lambda: run(h), 1, dev))
+    med = {h: sorted(v)[len(v) // 2] for h, v in times.items()}
+    print(f"\naugmentation, cifar_s batch {bs} on {dev} ({prec}), {steps} steps x {rounds} rounds, medians:")
+    for h in hows:
+        share = 1 - med["fixed batch"] / med[h]
+        print(f"  {h:12s} {steps * bs / med[h]:9.1f} img/s  augmentation {share:6.1%} of a step")
+
+
 def timed(fn, n, dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -828,7 +881,7 @@ def timed(fn, n, dev):
 
 def main():
     if "--bench" in sys.argv:
-        return bench()
+        return bench(), bench_aug()
     pattern = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
     tests = [(k, v) for k, v in globals().items() if k.startswith("test_") and callable(v) and pattern in k]
     counts = {"passed": 0, "failed": 0, "skipped": 0}
