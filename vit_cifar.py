@@ -21,9 +21,10 @@ CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else ru
         --epochs 13 --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 \
         --drop-path 0 --ema 0 --eval-every 13 --data-dir DATA
     -> 71.50% test accuracy, 71.81% with test-time flip, in 27m17.7s wall, 383-433 img/s, 0.31M params;
-    augmentation 1.4% of a step. 11 epochs: 70.01% with flip (69.96% without) in 23m42.6s. Width 128 (0.54M
-    params) is slower per image: 10 epochs 66.08% (66.83% with flip), 34m01.4s. On a CPU that other processes use,
-    set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s).
+    augmentation 1.4% of a step. With --seed 1: 72.36% (72.57% with flip) in 27m01.3s. 11 epochs: 70.01% with
+    flip (69.96% without) in 23m42.6s. Width 128 (0.54M params) is slower per image: 10 epochs 66.08% (66.83% with
+    flip), 34m01.4s. On a CPU that other processes use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2
+    threads ~5x slower there (21 vs 117 img/s).
 Augmentation cost on that CPU, full default policy (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
 cifar_cpu step, 0.2% of a cifar_s step (batch 128).
 """
