@@ -451,8 +451,9 @@ def test_cifar_train_files_eval_predict(tmp_path):
 def test_cifar_exact_resume_after_sigterm(tmp_path):
     """--epochs 2 straight == the same run killed (SIGTERM, at step 15 of 20) in epoch 2 and resumed."""
     data = write_cifar10(tmp_path / "data")
-    # the default augmentation: policy, MixUp/CutMix, erasing; EMA
-    base = ["--data-dir", data, "--epochs", 2, *CIFAR_TINY, "--drop-path", "0.1"]
+    # the default augmentation: policy, MixUp/CutMix, erasing; EMA. Chunks of 3 batches, as on CUDA: the stop falls
+    # inside one (batch 5 of 10), so the resumed run must draw that chunk again
+    base = ["--data-dir", data, "--epochs", 2, *CIFAR_TINY, "--drop-path", "0.1", "--aug-chunk", 3]
     run_cifar(*base, "--out-dir", tmp_path / "a")
     p = run_cifar(*base, "--out-dir", tmp_path / "b", "--interrupt-at", 15, ok=False)
     assert p.returncode == 130 and "resume with: python" in p.stdout and "--interrupt-at" not in p.stdout.split(

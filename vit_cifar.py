@@ -75,6 +75,7 @@ def get_args(argv=None):
     a("--cutmix", type=float, default=1.0, help="CutMix Beta alpha (0: off)")
     a("--erase", type=float, default=0.25, help="random erasing probability per image")
     a("--ema", type=float, default=0.999, help="EMA decay per step of the weights' average (0: no EMA)")
+    a("--aug-chunk", type=int, default=0, help="batches augmented per call (0: ~8192 images on CUDA, 1 on CPU)")
     a("--model", default="cifar_s", choices=[k for k in C.PRESETS if k.startswith("cifar")], help="common.py preset")
     for f, t in [("patch", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)]:
         a(f"--{f}", type=t, default=None, help="override the preset's value")
@@ -115,9 +116,9 @@ def get_args(argv=None):
     if args.patch is not None and (args.patch < 1 or (args.img_size or 32) % args.patch):
         p.error(f"--patch {args.patch} does not divide the {args.img_size or 32} px image")
     if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.ema < 1 or not 0 <= args.erase <= 1 or \
-            args.img_size < 0 or not 0 < args.layer_decay <= 1:
+            args.img_size < 0 or not 0 < args.layer_decay <= 1 or args.aug_chunk < 0:
         p.error("need --lr > 0, --weight-decay >= 0, 0 <= --ema < 1, 0 <= --erase <= 1, --img-size >= 0, "
-                "0 < --layer-decay <= 1")
+                "0 < --layer-decay <= 1, --aug-chunk >= 0")
     return args
 
 
@@ -296,7 +297,7 @@ def main():
     spe = n // bs  # steps per epoch; the last partial batch is dropped
     # batches augmented per draw and the RNG state before it: on CUDA ~8k images, as kernel launches dominate there
     # (13% of a step with one batch per draw, 4% in chunks, H100); on CPU one batch, as it stays in the cache
-    chunk, gen_chunk = max(1, 8192 // bs) if cuda else 1, None
+    chunk, gen_chunk = args.aug_chunk or (max(1, 8192 // bs) if cuda else 1), None
     if spe == 0:
         C.die(f"--batch-size {bs} is larger than the {n} training images")
     total, warm = args.epochs * spe, round(args.warmup * spe)
