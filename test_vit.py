@@ -475,7 +475,8 @@ def test_cifar_clear_errors(tmp_path):
     import vit_cifar  # the flag checks in-process: they run before anything else
     for flags, word in ((["--batch-size", "0"], "--batch-size"), (["--patch", "5"], "--patch 5"),
                         (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"),
-                        (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size")):
+                        (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size"),
+                        (["--aug-chunk", "-1"], "--aug-chunk")):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             try:

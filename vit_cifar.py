@@ -242,7 +242,13 @@ def main():
     device = C.pick_device(args.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cuda = device.type == "cuda"
-    tick = lambda: (torch.cuda.synchronize() if cuda else None, time.perf_counter())[1]  # noqa: E731
+
+    def mark():  # a time stamp: on CUDA an event, read after the next log line's sync, so timing adds no sync
+        if not cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
     autocast, scaler, prec = C.precision(device)
     ckpt_path, ck = os.path.join(args.out_dir, "ckpt.pt"), load_ckpt(args.ckpt) if args.ckpt else None
@@ -350,13 +356,13 @@ def main():
         for epoch in range(epoch, args.epochs):
             if batch == 0:
                 perm, sums = torch.randperm(n, generator=gen, device=device), [0.0, 0]
-            perm, t_ep, b0, run_loss, aug_t = perm.to(device), time.time(), batch, 0.0, 0.0
+            perm, t_ep, b0, run_loss, aug_t, marks = perm.to(device), time.time(), batch, 0.0, 0.0, []
             t_log, s_log = time.time(), step
             for batch in range(batch, spe):
                 if batch % chunk == 0 or batch == b0:  # augment `chunk` batches at once: far fewer kernel launches
-                    t0, c0, gen_chunk = tick(), batch - batch % chunk, gen.get_state()
+                    t0, c0, gen_chunk = mark(), batch - batch % chunk, gen.get_state()
                     xa = augment(xtr[perm[c0 * bs:min(c0 + chunk, spe) * bs]], gen, args, mean)
-                    aug_t += tick() - t0
+                    marks.append((t0, mark()))
                 x, y = prep(xa[(batch - c0) * bs:(batch - c0 + 1) * bs]), ytr[perm[batch * bs:(batch + 1) * bs]]
                 x, y = mix(x, y) if mix else (x, y)  # y: (B,) class ids, or (B, classes) mixed soft targets
                 lr = C.lr_at(step, total, args.lr, warm)
@@ -375,7 +381,9 @@ def main():
                 step, run_loss = step + 1, run_loss + loss.detach()  # no host sync until a log line
                 if step % args.log_every == 0 or batch == spe - 1 or stop:
                     k, now = step - s_log, time.time()
-                    sums = [sums[0] + float(run_loss), sums[1] + k]
+                    sums = [sums[0] + float(run_loss), sums[1] + k]  # float(): the host waits for the device here
+                    aug_t += sum(a.elapsed_time(b) / 1e3 if cuda else b - a for a, b in marks)
+                    marks.clear()
                     log(f"ep {epoch + 1}/{args.epochs} | step {step}/{total} | loss {float(run_loss) / k:.4f} | "
                         f"lr {lr:.2e} | {k * bs / (now - t_log):.0f} img/s | aug {100 * aug_t / (now - t_ep):.1f}%"
                         f" | eta {C.fmt_time((total - step) * (now - t_ep) / (batch + 1 - b0))}")
