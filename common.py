@@ -357,6 +357,18 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), layer_decay=1.0)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
+@torch.no_grad()
+def ema_update(ema, model, first):
+    """AveragedModel.update_parameters' maths without its two host reads of n_averaged: each is a GPU sync that keeps
+    the CPU from queueing the next step while this one runs. first=True copies, else its multi_avg_fn (a lerp)."""
+    avg, cur = [*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()]
+    if first:
+        torch._foreach_copy_(avg, cur)
+    else:
+        ema.multi_avg_fn(avg, cur, ema.n_averaged)
+    ema.n_averaged += 1
+
+
 def set_lr(opt, lr):
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)

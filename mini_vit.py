@@ -227,8 +227,9 @@ def evaluate(model, x, y, mean, std, amp, flip=False):
 def main(argv=None):
     args = get_args(argv)
     # at 16 tokens torch's plain (math) attention ran ~10% faster per training step than its flash kernel on a
-    # 2-core CPU; on CUDA torch picks its fused kernels
-    with sdpa_kernel(SDPBackend.MATH) if args.device == 'cpu' else contextlib.nullcontext():
+    # 2-core CPU; on CUDA the fused kernels but cuDNN's, whose bf16 backward has emitted NaN on H100s (pocket-tts#264)
+    with sdpa_kernel(SDPBackend.MATH if args.device == 'cpu' else [SDPBackend.FLASH_ATTENTION,
+                                                                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         train(args)
 
 
@@ -293,6 +294,9 @@ def train(args):
                       f'elapsed {fmt_time(time.time() - t0)} | eta {fmt_time(eta)}', flush=True)
         img_s = steps_per_epoch * args.batch_size / (time.time() - t_epoch)  # training only, not evaluation
         train_loss = loss_sum.item() / steps_per_epoch
+        if not math.isfinite(train_loss):
+            sys.exit(f'error: the training loss became {train_loss} in epoch {epoch} (lr {lr:.1e}); stopped without '
+                     'saving weights: try a lower --lr or a longer --warmup')
         test_loss, test_acc = evaluate(model, x_test, y_test, mean, std, amp, tta)
         elapsed = time.time() - t0
         eta = (time.time() - t_train) / epoch * (args.epochs - epoch)

@@ -509,6 +509,11 @@ def test_cifar_clear_errors(tmp_path):
     check_error(run_cifar("--resume", tmp_path / "missing.pt", ok=False), "missing.pt")
     torch.save({"model": {"w": torch.zeros(1)}, "args": {}, "classes": ["a"]}, bad)
     check_error(run_cifar("--eval-only", "--resume", bad, "--data-dir", data, ok=False), "does not fit")
+    # a diverging run stops at the next log line, before any checkpoint takes NaN weights
+    write_cifar10(tmp_path / "data", n_train=80, n_test=20)
+    check_error(run_cifar(*base, "--out-dir", tmp_path / "nan", "--lr", "1e30", "--warmup", 0, ok=False),
+                "loss became nan", "lower --lr")
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
 
 
 # ---------------------------------------------------------------------------------- pretrained weights (#6)

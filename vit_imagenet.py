@@ -38,6 +38,7 @@ GPU (ViT-S/16 img/s synthetic and real, share of the bf16 peak, 90-epoch project
 """
 import argparse
 import itertools
+import math
 import os
 import signal
 import sys
@@ -298,6 +299,7 @@ def main():
     if training and not args.resume and os.path.exists(ckpt_path):
         common.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or choose another --out-dir")
     rank, world, device = setup(args.device)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # its bf16 attention backward has emitted NaN on H100s (pocket-tts#264)
     common.seed_everything(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     classes = ckpt["classes"] if args.predict and ckpt else None
@@ -429,7 +431,7 @@ def main():
             scaler.update()
             opt.zero_grad(set_to_none=True)
             if ema:
-                ema.update_parameters(model)
+                common.ema_update(ema, model, first=step == 0)
             step += 1
             if rank == 0 and (time.time() - shown > args.log_every or s == steps - 1):
                 shown, dt = time.time(), time.time() - t0  # loss: rank 0's share of the batch
@@ -444,6 +446,9 @@ def main():
         if world > 1:
             dist.all_reduce(loss_sum)
         train_loss, train_time, done = loss_sum.item() / (steps * world), time.time() - t0, step % steps == 0
+        if not math.isfinite(train_loss):  # every rank sees the all-reduced sum; nothing NaN reaches ckpt.pt
+            common.die(f"the training loss became {train_loss} in epoch {epoch + 1} (lr {lr:.1e}); stopped without "
+                       "saving it: try a lower --lr or a longer --warmup")
         if done:
             test_loss, top1, top5 = evaluate(model, val_dl, prep, autocast, skips, world, device)
             ema_top1 = evaluate(ema.module, val_dl, prep, autocast, skips, world, device)[1] if ema else 0
