@@ -326,9 +326,12 @@ def pick_device(name="auto"):
 
 def precision(device):
     """(autocast context factory, GradScaler, label): bf16 where the GPU has it, else fp16 + loss scaling; CPU fp32
-    (bf16 autocast on CPUs without AMX is far slower than fp32)."""
+    (bf16 autocast on CPUs without AMX is far slower than fp32). On CUDA it also turns cuDNN's attention off."""
     if device.type != "cuda":
         return nullcontext, torch.amp.GradScaler("cpu", enabled=False), "fp32"
+    # cuDNN's bf16 attention backward has emitted NaN gradients on H100s (kyutai-labs/pocket-tts#264), the suspect in
+    # our NaN runs of vit_cifar at batch 128: SDPA picks flash attention instead
+    torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, str(dtype).split(".")[1]

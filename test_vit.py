@@ -304,6 +304,16 @@ def test_mini_short_run(tmp_path):
     except SystemExit as e:
         msg = str(e.code)
     assert msg is not None and msg.startswith('error:') and '--overwrite' in msg
+    # a diverging run stops with one line, before any weights are written
+    try:
+        mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'nan'), '--epochs', '1', '--batch-size',
+                       '16', '--dim', '32', '--depth', '2', '--heads', '2', '--lr', '1e30', '--warmup', '0',
+                       '--device', 'cpu'])
+        msg = None
+    except SystemExit as e:
+        msg = str(e.code)
+    assert msg is not None and msg.startswith('error:') and 'loss became nan' in msg, msg
+    assert not os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
 
 
 def test_mini_state_dict_parity_with_common(tmp_path):
@@ -451,9 +461,10 @@ def test_cifar_train_files_eval_predict(tmp_path):
 def test_cifar_exact_resume_after_sigterm(tmp_path):
     """--epochs 2 straight == the same run killed (SIGTERM, at step 15 of 20) in epoch 2 and resumed."""
     data = write_cifar10(tmp_path / "data")
-    # the default augmentation: policy, MixUp/CutMix, erasing; EMA. Chunks of 3 batches, as on CUDA: the stop falls
-    # inside one (batch 5 of 10), so the resumed run must draw that chunk again
-    base = ["--data-dir", data, "--epochs", 2, *CIFAR_TINY, "--drop-path", "0.1", "--aug-chunk", 3]
+    # every random draw: policy, erasing, MixUp/CutMix (off by default), drop-path; EMA. Chunks of 3 batches, as on
+    # CUDA: the stop falls inside one (batch 5 of 10), so the resumed run must draw that chunk again
+    base = ["--data-dir", data, "--epochs", 2, *CIFAR_TINY, "--drop-path", "0.1", "--aug-chunk", 3, "--mixup", 0.8,
+            "--cutmix", 1.0]
     run_cifar(*base, "--out-dir", tmp_path / "a")
     p = run_cifar(*base, "--out-dir", tmp_path / "b", "--interrupt-at", 15, ok=False)
     assert p.returncode == 130 and "resume with: python" in p.stdout and "--interrupt-at" not in p.stdout.split(
@@ -724,7 +735,7 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
 
 def test_imagenet_clear_errors(tmp_path):
     """Each case: exit code 2, one line on stderr, no traceback. One subprocess runs them all (one torch import)."""
-    empty_class, bad_images = (_imagenet_tree(str(tmp_path / d), n_val=1) for d in ("d1", "d2"))
+    empty_class, bad_images, good = (_imagenet_tree(str(tmp_path / d), n_val=1) for d in ("d1", "d2", "d3"))
     os.makedirs(os.path.join(empty_class, "train", "n09"))  # a class folder without images
     for cls in ("n00", "n01"):  # 16 of 24 training images unreadable
         for name in os.listdir(os.path.join(bad_images, "train", cls)):
@@ -737,7 +748,9 @@ def test_imagenet_clear_errors(tmp_path):
              "corrupt": ["--resume", str(tmp_path / "o" / "ckpt.pt"), "--eval-only"],
              "n09": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "p")],
              "unreadable": ["--data-dir", bad_images, "--out-dir", str(tmp_path / "p"), "--workers", "0"],
-             "divisible": ["--data-dir", bad_images, "--batch-size", "6", "--accum-steps", "4"]}
+             "divisible": ["--data-dir", bad_images, "--batch-size", "6", "--accum-steps", "4"],
+             "loss became nan": ["--data-dir", good, "--out-dir", str(tmp_path / "nan"), "--lr", "1e30", "--warmup",
+                                 "0", "--workers", "0"]}  # diverged: stops before saving
     driver = ("import contextlib, io, json, sys\n"
               f"sys.path.insert(0, {HERE!r})\n"
               "import vit_imagenet\n"
@@ -756,6 +769,7 @@ def test_imagenet_clear_errors(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for (message, argv), (code, err) in zip(cases.items(), json.loads(r.stdout.strip().splitlines()[-1])):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark

@@ -14,9 +14,9 @@ GPU, measured on CIFAR-10 with one H100 (torch 2.11.0+cu130, bf16), the defaults
     python vit_cifar.py --compile --data-dir DATA
     -> 86.76% test accuracy (87.18% for the EMA with test-time flip) in 923.2 s wall, sharing the GPU with two other
     runs; 5.2k-9.0k img/s, augmentation 0.6-1.3% of an epoch. The targets (92% at 100 epochs, 94% in 15 min) are
-    missed. Measured before cuDNN's attention was turned off (see main()); not re-run since. With MixUp 0.8 / CutMix 1.0
-    it was 6 points behind at epoch 15 and its loss became NaN in epoch 16, as did lr 1e-3 runs in epoch 5.
-    --batch-size 256 --lr 6e-4: 85.86% in 584.1 s. --patch 2 --dim 256 --depth 6 --heads 4 --batch-size 512
+    missed. Measured before cuDNN's attention was turned off (C.precision); not re-run since. With MixUp 0.8 /
+    CutMix 1.0 it was 6 points behind at epoch 15 and its loss became NaN in epoch 16, as did lr 1e-3 runs in epochs
+    4-5. --batch-size 256 --lr 6e-4: 85.86% in 584.1 s. --patch 2 --dim 256 --depth 6 --heads 4 --batch-size 512
     --lr 1e-3 with MixUp/CutMix, 198 epochs: 85.52% in 633.8 s. CIFAR-100: not yet measured (no offline copy).
 CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else running, torch 2.14.1):
     python vit_cifar.py --device cpu --model cifar_cpu --dim 96 --heads 3 --depth 4 --pool mean --pos-embed sincos \
@@ -253,10 +253,7 @@ def main():
         e.record()
         return e
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
-    # cuDNN's bf16 attention backward has emitted NaN gradients on H100s (kyutai-labs/pocket-tts#264), the suspect in
-    # our NaN runs at batch 128: flash attention runs instead
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    autocast, scaler, prec = C.precision(device)
+    autocast, scaler, prec = C.precision(device)  # on CUDA also cuDNN's attention off: NaN seen at batch 128
     ckpt_path, ck = os.path.join(args.out_dir, "ckpt.pt"), load_ckpt(args.ckpt) if args.ckpt else None
     models, (data, classes) = {}, (None, ck["classes"]) if ck else load_cifar(args.dataset, args.data_dir)
     C.seed_everything(args.seed)

@@ -299,7 +299,6 @@ def main():
     if training and not args.resume and os.path.exists(ckpt_path):
         common.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or choose another --out-dir")
     rank, world, device = setup(args.device)
-    torch.backends.cuda.enable_cudnn_sdp(False)  # its bf16 attention backward has emitted NaN on H100s (pocket-tts#264)
     common.seed_everything(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     classes = ckpt["classes"] if args.predict and ckpt else None
