@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import unittest
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,7 @@ def test_overfit_tiny_batch():
     torch.manual_seed(0)
     m = ViT(img_size=16, patch_size=4, num_classes=4, dim=64, depth=2, heads=4)
     x, y = torch.randn(32, 3, 16, 16), torch.arange(32) % 4
-    opt = common.make_optimizer(m, lr=3e-3, weight_decay=0.0)
+    opt, = common.make_optimizer(m, lr=3e-3, weight_decay=0.0)
     for _ in range(150):
         loss = F.cross_entropy(m(x), y)
         opt.zero_grad(set_to_none=True)
@@ -189,7 +190,7 @@ def test_lr_schedule_is_pure_warmup_cosine():
 
 def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
     m = ViT(img_size=16, patch_size=4, num_classes=3, dim=32, depth=2, heads=2)
-    opt = common.make_optimizer(m, 1e-3, 0.05)
+    opt, = common.make_optimizer(m, 1e-3, 0.05)
     decay, no_decay = opt.param_groups
     assert opt.defaults["fused"]  # one kernel for every tensor, on CPU too
     names = {id(p): n for n, p in m.named_parameters()}
@@ -198,6 +199,12 @@ def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
     assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.attn.qkv.bias", "head.bias"} <= nd
     assert {names[id(p)] for p in decay["params"]} == {n for n, p in m.named_parameters() if n not in nd}
     assert "blocks.0.mlp.fc1.weight" not in nd and "patch_embed.proj.weight" not in nd
+    # muon=True: the blocks' weight matrices move to Muon, with their decay; the rest stays with AdamW
+    adamw, muon = common.make_optimizer(m, 1e-3, 0.05, muon=True)
+    mats = {n for n, p in m.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == mats and len(mats) == 8
+    assert all(g["weight_decay"] == 0.05 for g in muon.param_groups)
+    assert {names[id(p)] for g in adamw.param_groups for p in g["params"]} == set(names.values()) - mats
 
 
 def test_evaluate_counts_top1_top5():
@@ -282,8 +289,9 @@ def test_mini_short_run(tmp_path):
     out = tmp_path / 'out'
     r = _run_mini('--data-dir', str(tmp_path), '--out-dir', str(out), '--epochs', '3', '--batch-size', '16',
                   '--dim', '32', '--depth', '2', '--heads', '2', '--patch-size', '7', '--lr', '1e-2',
-                  '--warmup', '0.5', '--device', 'cpu', env=_env())
+                  '--warmup', '0.5', '--tta', 'on', '--device', 'cpu', env=_env())
     assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith('done: test_acc') and 'with test-time flip' in r.stdout
     with open(out / 'log.csv') as f:
         assert f.readline().strip() == MINI_HEADER
     with open(out / 'log.csv') as f:
@@ -308,12 +316,40 @@ def test_mini_short_run(tmp_path):
     try:
         mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'nan'), '--epochs', '1', '--batch-size',
                        '16', '--dim', '32', '--depth', '2', '--heads', '2', '--lr', '1e30', '--warmup', '0',
-                       '--device', 'cpu'])
+                       '--device', 'cpu', '--optimizer', 'adamw'])  # the short run above used the default, Muon
         msg = None
     except SystemExit as e:
         msg = str(e.code)
     assert msg is not None and msg.startswith('error:') and 'loss became nan' in msg, msg
     assert not os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
+
+
+def test_muon_equals_torch_muon():
+    # mini_vit.Muon and common.Muon: torch.optim.Muon(adjust_lr_fn='match_rms_adamw')'s maths; torch's casts to bf16
+    # first, so they are compared in fp64 with that cast made a copy: matrices of two shapes, both orientations, over
+    # steps with momentum and decay
+    sys.path.insert(0, HERE)
+    import mini_vit
+    for cls in (mini_vit.Muon, common.Muon):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(0.02 * torch.randn(s, dtype=torch.float64)) for s in [(96, 32)] * 3 + [(32, 64)] * 2]
+        qs, p_start = [torch.nn.Parameter(p.detach().clone()) for p in ps], [p.detach().clone() for p in ps]
+        mine = cls(ps, lr=3e-3, weight_decay=0.05)
+        ref = torch.optim.Muon(qs, lr=3e-3, weight_decay=0.05, adjust_lr_fn='match_rms_adamw')
+        for _ in range(3):
+            for p, q in zip(ps, qs):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            mine.step()
+            with unittest.mock.patch.object(torch.Tensor, 'bfloat16', lambda t: t.clone()):
+                ref.step()
+        for p, q, p0 in zip(ps, qs, p_start):
+            assert (p - p0).abs().max() > 1e-3  # the steps moved the weights
+            assert torch.allclose(p, q, rtol=0, atol=1e-12), (cls, (p - q).abs().max())
+            assert torch.equal(mine.state[p]['momentum_buffer'], ref.state[q]['momentum_buffer'])
+        # the update is near-orthogonal: singular values in (0.5, 1.5), as Newton-Schulz's quintic stops early
+        s = torch.linalg.svdvals(sys.modules[cls.__module__].orthogonalise(torch.randn(2, 40, 24, dtype=torch.float64)))
+        assert s.min() > 0.5 and s.max() < 1.5, s
 
 
 def test_mini_state_dict_parity_with_common(tmp_path):
@@ -464,7 +500,7 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     # every random draw: policy, erasing, MixUp/CutMix (off by default), drop-path; EMA. Chunks of 3 batches, as on
     # CUDA: the stop falls inside one (batch 5 of 10), so the resumed run must draw that chunk again
     base = ["--data-dir", data, "--epochs", 2, *CIFAR_TINY, "--drop-path", "0.1", "--aug-chunk", 3, "--mixup", 0.8,
-            "--cutmix", 1.0]
+            "--cutmix", 1.0, "--optimizer", "muon"]  # Muon's and AdamW's states both go through ckpt.pt
     run_cifar(*base, "--out-dir", tmp_path / "a")
     p = run_cifar(*base, "--out-dir", tmp_path / "b", "--interrupt-at", 15, ok=False)
     assert p.returncode == 130 and "resume with: python" in p.stdout and "--interrupt-at" not in p.stdout.split(
@@ -477,6 +513,9 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     assert a["step"] == b["step"] == 20
     with open(tmp_path / "b" / "log.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    # the optimizer states must fit the --optimizer asked for
+    check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--epochs", 3, "--optimizer", "adamw", ok=False),
+                "cannot resume", "2 optimizer states")
 
 
 def test_cifar_clear_errors(tmp_path):
@@ -807,7 +846,7 @@ def bench(rounds=8, steps=2):
         steps_fn = {}
         for k, m in models.items():
             m.to(dev).train()
-            opt = common.make_optimizer(m, 1e-4, 0.05)
+            opt, = common.make_optimizer(m, 1e-4, 0.05)
             fm = torch.compile(m) if dev.type == "cuda" else m
 
             def step(fm=fm, opt=opt):
@@ -852,7 +891,7 @@ def bench_aug():
     a, gen = argparse.Namespace(policy="trivial", erase=0.25), torch.Generator(dev).manual_seed(0)
     mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=10), v2.CutMix(alpha=1.0, num_classes=10)])
     model = common.create_vit("cifar_s", drop_path=0.1).to(dev)
-    opt = common.make_optimizer(model, 1e-4, 0.05)
+    opt, = common.make_optimizer(model, 1e-4, 0.05)
     fm = torch.compile(model) if cuda else model
     fixed, st = mix((x_all[:bs].float() / 255 - mean), y_all[:bs]), {}
 

@@ -27,6 +27,9 @@ CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else ru
     flip (69.96% without) in 23m42.6s. Width 128 (0.54M params) is slower per image: 10 epochs 66.08% (66.83% with
     flip), 34m01.4s. On a CPU that other processes use, set OMP_WAIT_POLICY=PASSIVE: OpenMP's spinning made 2
     threads ~5x slower there (21 vs 117 img/s).
+--optimizer muon (Muon for the blocks' matrices, common.Muon): the recipe's flags with --epochs 3 --threads 1, run
+beside the same with AdamW: 69.90% (70.11% with flip) against AdamW's 56.29%, 12m57s vs 12m05s sharing the CPU.
+On a GPU not yet measured, so the default stays AdamW.
 Augmentation cost on that CPU, everything on (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
 cifar_cpu step, 0.2% of a cifar_s step (batch 128).
 """
@@ -69,7 +72,9 @@ def get_args(argv=None):
     a("--epochs", type=int, default=100, help="the run's total number of epochs (also when resuming)")
     a("--batch-size", type=int, default=128, help="training batch size")
     a("--lr", type=float, default=4e-4, help="peak AdamW learning rate")
-    a("--weight-decay", type=float, default=0.05, help="AdamW decay of weight matrices")
+    a("--weight-decay", type=float, default=0.05, help="decay of weight matrices (AdamW's, Muon's: times the lr)")
+    a("--optimizer", default="adamw", choices=["adamw", "muon"],
+      help="muon: Muon for the blocks' weight matrices (common.Muon), AdamW for the rest")
     a("--warmup", type=float, default=5, help="linear warmup epochs, then cosine to 0 per step")
     a("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
@@ -312,7 +317,8 @@ def main():
     total, warm = args.epochs * spe, round(args.warmup * spe)
     if args.freeze:
         C.freeze_all_but_head(raw)
-    opt = C.make_optimizer(raw, args.lr, args.weight_decay, layer_decay=args.layer_decay)
+    opts = C.make_optimizer(raw, args.lr, args.weight_decay, layer_decay=args.layer_decay,
+                            muon=args.optimizer == "muon")
     ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     gen = torch.Generator(device)  # data order and augmentation draws; the global RNG drives mixing and drop-path
     gen.manual_seed(args.seed)
@@ -323,7 +329,12 @@ def main():
             if ema is not None:
                 C.load_weights(ema.module, ck.get("ema") or {}, "checkpoint's EMA (resume with --ema 0 if it has none)")
                 ema.n_averaged.fill_(ck["ema_n"])
-            opt.load_state_dict(ck["optimizer"])
+            states = ck["optimizer"] if isinstance(ck["optimizer"], list) else [ck["optimizer"]]  # older: one
+            if len(states) != len(opts):
+                raise ValueError(f"it holds {len(states)} optimizer states, --optimizer {args.optimizer} needs "
+                                 f"{len(opts)}")
+            for o, state in zip(opts, states):
+                o.load_state_dict(state)
             scaler.load_state_dict(ck["scaler"])
             torch.set_rng_state(ck["rng"]["cpu"])
             gen.set_state(ck["rng"]["gen"])
@@ -346,8 +357,8 @@ def main():
         g = gen_chunk if batch % chunk and batch < spe else gen.get_state()  # mid-chunk: redraw the chunk on resume
         rng = dict(cpu=torch.get_rng_state(), gen=g, cuda=torch.cuda.get_rng_state_all() if cuda else [])
         C.save_checkpoint(dict(model=raw.state_dict(), ema=ema.module.state_dict() if ema else None,
-                               ema_n=int(ema.n_averaged) if ema else 0, optimizer=opt.state_dict(), rng=rng,
-                               scaler=scaler.state_dict(), epoch=epoch, batch=batch, step=step, sums=sums,
+                               ema_n=int(ema.n_averaged) if ema else 0, rng=rng, scaler=scaler.state_dict(),
+                               optimizer=[o.state_dict() for o in opts], epoch=epoch, batch=batch, step=step, sums=sums,
                                perm=perm.cpu() if batch else None, elapsed=time.time() - t_start,
                                args=vars(args), classes=classes), ckpt_path)
 
@@ -369,15 +380,18 @@ def main():
                 x, y = prep(xa[(batch - c0) * bs:(batch - c0 + 1) * bs]), ytr[perm[batch * bs:(batch + 1) * bs]]
                 x, y = mix(x, y) if mix else (x, y)  # y: (B,) class ids, or (B, classes) mixed soft targets
                 lr = C.lr_at(step, total, args.lr, warm)
-                C.set_lr(opt, lr)
+                C.set_lr(opts, lr)
                 with autocast():
                     loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
-                opt.zero_grad(set_to_none=True)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if args.clip_grad:
-                    scaler.unscale_(opt)
+                    for o in opts:
+                        scaler.unscale_(o)
                     torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-                scaler.step(opt)
+                for o in opts:  # GradScaler's way with several optimizers: step each, update once
+                    scaler.step(o)
                 scaler.update()
                 if ema is not None:
                     C.ema_update(ema, raw, first=step == 0)

@@ -331,7 +331,7 @@ def main():
     if args.freeze:
         common.freeze_all_but_head(model)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    opt = common.make_optimizer(model, args.lr, args.weight_decay, layer_decay=args.layer_decay)
+    opt, = common.make_optimizer(model, args.lr, args.weight_decay, layer_decay=args.layer_decay)
     autocast, scaler, prec = common.precision(device)
     step, elapsed, epoch_loss = 0, 0.0, 0.0
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (args.mean, args.std))
@@ -422,7 +422,7 @@ def main():
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             lr = common.lr_at(step, total, args.lr, args.warmup)
-            common.set_lr(opt, lr)
+            common.set_lr([opt], lr)
             if args.clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
