@@ -408,6 +408,15 @@ def ema_update(ema, model, first):
     ema.n_averaged += 1
 
 
+def load_optimizers(opts, states):
+    """Load ckpt.pt's list of optimizer states (or an older single one) into opts; ValueError if the counts differ."""
+    states = states if isinstance(states, list) else [states]
+    if len(states) != len(opts):
+        raise ValueError(f"it holds {len(states)} optimizer states, where --optimizer asks for {len(opts)}")
+    for o, state in zip(opts, states):
+        o.load_state_dict(state)
+
+
 def set_lr(opts, lr):
     for g in [g for o in opts for g in o.param_groups]:
         g["lr"] = lr * g.get("lr_scale", 1.0)

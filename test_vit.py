@@ -735,7 +735,8 @@ def _rows(out):
 def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     data = _imagenet_tree(str(tmp_path / "data"))
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    base = ["--data-dir", data, "--epochs", 3, "--mixup", 0, *IMNET_TINY]  # global batch 8; RandAugment, crops stay on
+    base = ["--data-dir", data, "--epochs", 3, "--mixup", 0, *IMNET_TINY,  # global batch 8; RandAugment, crops stay on
+            "--optimizer", "muon"]  # Muon's and AdamW's states through ckpt.pt and DDP (the next test: AdamW alone)
     _run(*base, "--out-dir", a, "--workers", 1)
     rows = _rows(a)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]

@@ -87,6 +87,8 @@ def get_args(argv=None):
     a("--accum-steps", type=int, default=1, help="micro-batches per optimizer step (same global batch, fewer GPUs)")
     a("--lr", type=float, default=1e-3, help="peak learning rate")
     a("--weight-decay", type=float, default=0.1, help="torch AdamW's, times the lr (0.1 at lr 1e-3 = decoupled 1e-4)")
+    a("--optimizer", default="adamw", choices=["adamw", "muon"],
+      help="muon: Muon for the blocks' weight matrices (common.Muon), AdamW for the rest")
     a("--warmup", type=int, default=10000, help="linear warmup steps, then cosine decay to 0")
     a("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     a("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
@@ -331,7 +333,8 @@ def main():
     if args.freeze:
         common.freeze_all_but_head(model)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    opt, = common.make_optimizer(model, args.lr, args.weight_decay, layer_decay=args.layer_decay)
+    opts = common.make_optimizer(model, args.lr, args.weight_decay, layer_decay=args.layer_decay,
+                                 muon=args.optimizer == "muon")
     autocast, scaler, prec = common.precision(device)
     step, elapsed, epoch_loss = 0, 0.0, 0.0
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (args.mean, args.std))
@@ -342,7 +345,7 @@ def main():
             if ema:
                 ema.load_state_dict(ckpt["ema"])
             if training:
-                opt.load_state_dict(ckpt["optimizer"])
+                common.load_optimizers(opts, ckpt["optimizer"])
                 scaler.load_state_dict(ckpt["scaler"])
         except (common.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
             common.die(f"{args.resume}: {(str(e).splitlines() or [type(e).__name__])[0]}")
@@ -422,13 +425,15 @@ def main():
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             lr = common.lr_at(step, total, args.lr, args.warmup)
-            common.set_lr([opt], lr)
+            common.set_lr(opts, lr)
             if args.clip:
-                scaler.unscale_(opt)
+                for o in opts:
+                    scaler.unscale_(o)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(opt)
+            for o in opts:  # GradScaler's way with several optimizers: step each, update once
+                scaler.step(o)
+                o.zero_grad(set_to_none=True)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
             if ema:
                 common.ema_update(ema, model, first=step == 0)
             step += 1
@@ -459,8 +464,8 @@ def main():
             log.row(epoch=epoch + 1, train_loss=train_loss, test_loss=test_loss, test_acc=top1, test_acc5=top5, lr=lr,
                     img_per_s=round(n / train_time, 1), elapsed_s=round(elapsed, 1))
         if rank == 0 and (done or stopping):  # the unwrapped, uncompiled module's weights
-            common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
+                                    "optimizer": [o.state_dict() for o in opts], "scaler": scaler.state_dict(),
                                     "epoch": step // steps, "steps_per_epoch": steps, "epoch_loss": 0.0 if done else
                                     loss_sum.item(), "elapsed": time.time() - t_start, "classes": classes,
                                     "args": vars(args)}, ckpt_path)
