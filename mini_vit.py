@@ -197,7 +197,7 @@ class ViT(nn.Module):
         x = self.norm(self.blocks(x + self.pos_embed))
         return self.head(x[:, 0] if self.pool == 'cls' else x.mean(dim=1))
 
-# ----------------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------------------ optimizer
 
 
 class Muon(torch.optim.Optimizer):
@@ -231,6 +231,8 @@ def orthogonalise(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
+
+# ----------------------------------------------------------------------------------------------------------- main
 
 
 def get_lr(step, total_steps, warmup_steps, peak):
