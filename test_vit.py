@@ -205,6 +205,14 @@ def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
     assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == mats and len(mats) == 8
     assert all(g["weight_decay"] == 0.05 for g in muon.param_groups)
     assert {names[id(p)] for g in adamw.param_groups for p in g["params"]} == set(names.values()) - mats
+    # ckpt.pt's optimizer states: a list, or one state from before Muon; a count that does not fit is a ValueError
+    common.load_optimizers([opt], opt.state_dict())
+    common.load_optimizers([adamw, muon], [adamw.state_dict(), muon.state_dict()])
+    try:
+        common.load_optimizers([adamw, muon], [adamw.state_dict()])
+        raise AssertionError("1 state loaded into 2 optimizers")
+    except ValueError as e:
+        assert "1 optimizer states" in str(e) and "asks for 2" in str(e)
 
 
 def test_evaluate_counts_top1_top5():

@@ -69,7 +69,7 @@ def get_args(argv=None):
     a("--out-dir", default=None, help="ckpt.pt, logs, pictures (default: runs/<dataset>, or the --resume ckpt's dir)")
     a("--epochs", type=int, default=100, help="the run's total number of epochs (also when resuming)")
     a("--batch-size", type=int, default=128, help="training batch size")
-    a("--lr", type=float, default=4e-4, help="peak AdamW learning rate")
+    a("--lr", type=float, default=4e-4, help="peak learning rate (AdamW's, and Muon's with --optimizer muon)")
     a("--weight-decay", type=float, default=0.05, help="decay of weight matrices (AdamW's, Muon's: times the lr)")
     a("--optimizer", default="adamw", choices=["adamw", "muon"],
       help="muon: Muon for the blocks' weight matrices (common.Muon), AdamW for the rest")
