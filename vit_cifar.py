@@ -9,27 +9,20 @@ crop, flip, a per-sample TrivialAugment-style policy, random erasing (and MixUp/
     python vit_cifar.py --pretrained vit_b_16                 # fine-tune torchvision's ImageNet ViT-B/16 at 224 px
     python vit_cifar.py --pretrained vit_b_16 --freeze       # a linear probe: only the new head learns
 
-GPU, measured on CIFAR-10 with one H100 (torch 2.11.0+cu130, bf16), the defaults: cifar_s (patch 4, dim 384, depth 7,
-12.4M params, mean pool, sin-cos positions), 100 epochs of batch 128, lr 4e-4, TrivialAugment-style policy, erasing:
+GPU, CIFAR-10, one H100 (torch 2.11.0+cu130, bf16), the defaults (cifar_s: patch 4, dim 384, depth 7, 12.4M params;
+100 epochs of batch 128, AdamW lr 4e-4, TrivialAugment-style policy, erasing, EMA):
     python vit_cifar.py --compile --data-dir DATA
-    -> 86.76% test accuracy (87.18% for the EMA with test-time flip) in 923.2 s wall, sharing the GPU with two other
-    runs; 5.2k-9.0k img/s, augmentation 0.6-1.3% of an epoch. The targets (92% at 100 epochs, 94% in 15 min) are
-    missed. Measured before cuDNN's attention was turned off (C.precision); not re-run since. With MixUp 0.8 /
-    CutMix 1.0 it was 6 points behind at epoch 15 and its loss became NaN in epoch 16, as did lr 1e-3 runs in epochs
-    4-5. --batch-size 256 --lr 6e-4: 85.86% in 584.1 s. --patch 2 --dim 256 --depth 6 --heads 4 --batch-size 512
-    --lr 1e-3 with MixUp/CutMix, 198 epochs: 85.52% in 633.8 s. CIFAR-100: not yet measured (no offline copy).
-CPU recipe, measured on CIFAR-10 (fp32, 2-core AMD EPYC Zen3 VM, nothing else running, torch 2.14.1):
-    python vit_cifar.py --device cpu --model cifar_cpu --dim 96 --heads 3 --depth 4 --pool mean --pos-embed sincos \
-        --epochs 4 --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 \
-        --drop-path 0 --ema 0 --optimizer muon --data-dir DATA
-    -> 73.02% test accuracy, 73.12% with test-time flip, in 10m24.4s wall, 358-393 img/s, 0.31M params; 56.05%,
-    65.06%, 71.67% after epochs 1-3. With AdamW (--optimizer adamw, the default) it took 13 epochs: 71.50% (71.81%
-    with flip) in 27m17.7s; --seed 1: 72.36%. Side by side for 3 epochs, one thread each: Muon 69.90%, AdamW 56.29%.
-    Width 128 was slower per image for its accuracy. On a CPU that other processes use, set OMP_WAIT_POLICY=PASSIVE:
-    OpenMP's spinning made 2 threads ~5x slower there (21 vs 117 img/s). Muon on a GPU: not yet measured, so the
-    default stays AdamW.
-Augmentation cost on that CPU, everything on (TrivialAugment-style + erasing + MixUp/CutMix): 2.1% of a
-cifar_cpu step, 0.2% of a cifar_s step (batch 128).
+    -> 86.76% (87.18% for the EMA with test-time flip) in 923.2 s, sharing the GPU with two other runs: the targets
+    (92% at 100 epochs, 94% in 15 min) are missed. Run before cuDNN's attention was turned off; not re-run since.
+    CIFAR-100 and Muon on a GPU: not yet measured. README.md has the other GPU runs (MixUp/CutMix, lr 1e-3, patch 2).
+CPU recipe, CIFAR-10, fp32, an idle 2-core AMD EPYC Zen3 VM, torch 2.14.1:
+    python vit_cifar.py --device cpu --model cifar_cpu --dim 96 --heads 3 --depth 4 --pool mean --pos-embed sincos \\
+        --epochs 11 --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 \\
+        --drop-path 0 --ema 0 --optimizer muon --eval-every 3 --data-dir DATA
+    -> 79.28% test accuracy (79.61% with test-time flip) in 23m44.8s, 370-475 img/s, 0.31M params. The same with
+    --epochs 9: 78.73% in 20m29.5s; --epochs 4: 73.02% in 10m24.4s. AdamW (the default optimizer) needed 13 epochs
+    and 27m17.7s for 71.50%. On a CPU that other processes use, set OMP_WAIT_POLICY=PASSIVE (OpenMP's spinning made
+    2 threads ~5x slower there). Augmentation, everything on: 2.1% of a cifar_cpu step on that CPU.
 """
 import argparse
 import contextlib
