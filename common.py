@@ -417,6 +417,19 @@ def load_optimizers(opts, states):
         o.load_state_dict(state)
 
 
+def optimizer_step(opts, scaler, params, clip=0.0):
+    """One step of every optimizer in opts, GradScaler's way with several: unscale each (when clipping the total
+    gradient norm to clip), step each, update the scale once; then the gradients are cleared."""
+    if clip:
+        for o in opts:
+            scaler.unscale_(o)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    for o in opts:
+        scaler.step(o)
+        o.zero_grad(set_to_none=True)
+    scaler.update()
+
+
 def set_lr(opts, lr):
     for g in [g for o in opts for g in o.param_groups]:
         g["lr"] = lr * g.get("lr_scale", 1.0)

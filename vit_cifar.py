@@ -369,16 +369,8 @@ def main():
                 C.set_lr(opts, lr)
                 with autocast():
                     loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                if args.clip_grad:
-                    for o in opts:
-                        scaler.unscale_(o)
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-                for o in opts:  # GradScaler's way with several optimizers: step each, update once
-                    scaler.step(o)
-                scaler.update()
+                C.optimizer_step(opts, scaler, raw.parameters(), args.clip_grad)
                 if ema is not None:
                     C.ema_update(ema, raw, first=step == 0)
                 step, run_loss = step + 1, run_loss + loss.detach()  # no host sync until a log line

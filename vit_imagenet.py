@@ -426,14 +426,7 @@ def main():
                 loss_sum += loss.detach()
             lr = common.lr_at(step, total, args.lr, args.warmup)
             common.set_lr(opts, lr)
-            if args.clip:
-                for o in opts:
-                    scaler.unscale_(o)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            for o in opts:  # GradScaler's way with several optimizers: step each, update once
-                scaler.step(o)
-                o.zero_grad(set_to_none=True)
-            scaler.update()
+            common.optimizer_step(opts, scaler, model.parameters(), args.clip)
             if ema:
                 common.ema_update(ema, model, first=step == 0)
             step += 1
