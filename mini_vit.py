@@ -4,18 +4,16 @@ and the standard library: copy it anywhere.
 
     python mini_vit.py                                   # MNIST, downloaded into ./data when missing
     python mini_vit.py --dataset fashion --data-dir DIR  # reads DIR/FashionMNIST/raw/*-ubyte
-    -> Fashion-MNIST: 91.33% test accuracy, 91.64% with test-time flip, in 8m43.7s wall, 1740-2226 img/s, on an idle
-    2-core AMD EPYC Zen3 VM (2 threads, torch 2.14.1, fp32); with --seed 1: 90.94% (91.22%) in 7m57.0s
-    MNIST: not measured (no copy of it could be had offline); the same defaults apply, untuned for it.
-Small CPU / laptop: `--epochs 4` (88.17%, 88.51% with flip, 2m13.8s on that VM). On a CPU that other processes
-use, `--threads 1`: two threads on two busy cores ran up to 10x slower than one. README.md: sweeps, GPU runs.
+    -> Fashion-MNIST: 91.33% test accuracy (91.64% with test-time flip) in 8m43.7s, 1740-2226 img/s, on an idle
+    2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32); with --seed 1: 90.94% (91.22%) in 7m57.0s. MNIST: not measured.
+Small CPU / laptop: `--epochs 4` (88.17%, 88.51% with flip, 2m13.8s there). On a CPU that other processes use,
+`--threads 1`: two threads on two busy cores ran up to 10x slower than one. README.md: the sweeps and GPU runs.
 
 The defaults: a ViT of patch 7, dim 64, depth 6, heads 2, mean pooling (0.21M params); Muon for the blocks' weight
-matrices and AdamW for the rest, as at this budget the model is short of steps and Muon makes more of each (4 epochs of
-session 6's batch 128: 89.30% with flip, AdamW 86.96%); random shifts of up to 1 px, as longer runs overfit without them
-(18 epochs without: 90.61%). Outputs: <out-dir>/log.csv (a row per epoch) and <out-dir>/model.pt = {'model': state_dict,
-'args': vars(args)}; the parameter names and maths are timm's VisionTransformer's (and common.ViT's), so the state_dict
-loads there with strict=True and gives the same logits. Inputs: (pixels / 255 - mean) / std, with MEAN_STD below.
+matrices, AdamW for the rest (at this budget the model is short of steps, and Muon makes more of each); shifts of up
+to 1 px, as longer runs overfit without them. Writes <out-dir>/log.csv and <out-dir>/model.pt = {'model': state_dict,
+'args': vars(args)}: timm's VisionTransformer's names and maths, so it loads into common.ViT / timm (strict=True) and
+gives the same logits. Inputs: (pixels / 255 - mean) / std, with MEAN_STD below.
 """
 import argparse
 import contextlib
@@ -62,17 +60,17 @@ def get_args(argv=None):
     a('--drop-path', type=float, default=0.0, help='stochastic depth rate (same for every block)')
     a('--translate', type=int, default=1, help='random shift by up to N pixels (zero padding)')
     a('--hflip', default='auto', choices=['auto', 'on', 'off'], help='random horizontal flip; auto: fashion only')
-    a('--tta', default='auto', choices=['auto', 'on', 'off'],
-      help='at the end, also the accuracy of the mean logits of each test image and its mirror image (per epoch: '
-      'plain, as it halves the test\'s cost); auto: when training flips')
+    a('--tta', default='auto', choices=['auto', 'on', 'off'], help='at the end, also the accuracy of the mean logits '
+      'of each test image and its mirror image (per epoch: plain, at half the cost); auto: when training flips')
     a('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto: cuda when available')
     a('--seed', type=int, default=0, help='random seed')
     a('--threads', type=int, default=0, help='CPU threads; 0: torch default (one per core). 1 is faster on a busy CPU')
     a('--log-every', type=float, default=30.0, help='seconds between progress lines within an epoch')
     args = p.parse_args(argv)
-    for name in ('epochs', 'batch_size', 'dim', 'depth', 'heads', 'patch_size', 'lr', 'mlp_ratio'):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    bad = [n for n in ('epochs', 'batch_size', 'dim', 'depth', 'heads', 'patch_size', 'lr', 'mlp_ratio') if
+           getattr(args, n) <= 0]
+    if bad:
+        p.error(f"--{bad[0].replace('_', '-')} must be > 0, got {getattr(args, bad[0])}")
     if IMG % args.patch_size:
         p.error(f'--patch-size {args.patch_size} must divide the image side {IMG} (1, 2, 4, 7, 14 or 28)')
     if args.dim % args.heads:
@@ -91,15 +89,14 @@ def get_args(argv=None):
 
 def load_data(args):
     """Both splits as uint8 (N, 28, 28) images and int64 labels, read (or downloaded) by torchvision."""
-    cls = DATASETS[args.dataset]
-    raw = os.path.join(args.data_dir, cls.__name__, 'raw')
-    out = []
+    cls, out = DATASETS[args.dataset], []
     for train in (True, False):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # silence torchvision's per-mirror chatter
                 ds = cls(args.data_dir, train=train, download=True)
         except Exception as e:  # offline (URLError / RuntimeError), unwritable folder, unreadable files
             why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(':')[:100]
+            raw = os.path.join(args.data_dir, cls.__name__, 'raw')
             sys.exit(f'error: no {cls.__name__} in {raw}/ and the download failed ({why}); put the idx files '
                      'train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte '
                      'there (unpacked)')
@@ -130,9 +127,7 @@ def to_input(x, mean, std):
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -146,9 +141,7 @@ class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio, drop_path):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), nn.LayerNorm(dim, 1e-6)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = torchvision.ops.StochasticDepth(drop_path, 'row')  # identity at eval or when 0
 
@@ -169,8 +162,7 @@ class ViT(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, drop_path) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
+        self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Linear):  # timm's init
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -188,9 +180,9 @@ class ViT(nn.Module):
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's maths (adjust_lr_fn='match_rms_adamw', so AdamW's lr and weight decay carry over): momentum
-    whose update of each weight matrix is made semi-orthogonal by Newton-Schulz iterations (Jordan et al. 2024). Here in
-    fp32 and batched over the matrices of a shape: torch's casts to bf16, which halved the img/s on the 2-core CPU."""
+    """torch.optim.Muon's maths (adjust_lr_fn='match_rms_adamw': AdamW's lr and weight decay carry over): momentum whose
+    update of each weight matrix is made semi-orthogonal (Jordan et al. 2024). In fp32, batched over the matrices of a
+    shape: torch's casts to bf16, which halved the img/s on the 2-core CPU."""
     def __init__(self, params, lr, weight_decay, momentum=0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
 
@@ -243,8 +235,7 @@ def evaluate(model, x, y, mean, std, amp, flip=False):
         xb = to_input(x[i:i + 1000], mean, std)
         with amp:
             logits = model(xb).float()
-            if flip:
-                logits = (logits + model(xb.flip(3)).float()) / 2
+            logits = (logits + model(xb.flip(3)).float()) / 2 if flip else logits
         loss += F.cross_entropy(logits, y[i:i + 1000], reduction='sum').item()
         correct += (logits.argmax(1) == y[i:i + 1000]).sum().item()
     model.train()
@@ -266,18 +257,17 @@ def train(args):
     if not args.overwrite and any(os.path.exists(p) for p in (log_path, model_path)):
         sys.exit(f'error: {args.out_dir} already holds log.csv / model.pt; pass --overwrite or another --out-dir')
     torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' else contextlib.nullcontext()  # CPU: fp32
 
     # the whole dataset lives on the device as uint8 (47 MB for MNIST): batches are plain index lookups
     x_train, y_train, x_test, y_test = [t.to(dev) for t in load_data(args)]
-    mean, std = MEAN_STD[args.dataset]
-    steps_per_epoch = len(x_train) // args.batch_size  # drop the ragged last batch
+    (mean, std), bs = MEAN_STD[args.dataset], args.batch_size
+    steps_per_epoch = len(x_train) // bs  # drop the ragged last batch
     if steps_per_epoch == 0:
-        sys.exit(f'error: --batch-size {args.batch_size} is larger than the training set ({len(x_train)} images)')
+        sys.exit(f'error: --batch-size {bs} is larger than the training set ({len(x_train)} images)')
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup * steps_per_epoch)
 
     model = ViT(args.patch_size, args.dim, args.depth, args.heads, args.mlp_ratio, args.pool, args.drop_path).to(dev)
@@ -299,11 +289,16 @@ def train(args):
     with open(log_path, 'w') as f:
         f.write('epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s\n')
     step, t_train = 0, time.time()
+
+    def show(epoch, loss, speed, extra=''):  # one greppable progress line
+        eta = (time.time() - t_train) / step * (total_steps - step)
+        print(f'ep {epoch}/{args.epochs} | step {step}/{total_steps} | loss {loss:.4f} | {extra}lr {lr:.1e} | '
+              f'{speed:.0f} img/s | elapsed {fmt_time(time.time() - t0)} | eta {fmt_time(eta)}', flush=True)
     for epoch in range(1, args.epochs + 1):
         perm = torch.randperm(len(x_train), device=dev)
         loss_sum, t_epoch, t_log = torch.zeros((), device=dev), time.time(), time.time()
         for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = perm[i * bs:(i + 1) * bs]
             x = to_input(augment(x_train[idx], args.translate, hflip), mean, std)
             lr = get_lr(step, total_steps, warmup_steps, args.lr)
             for g in [g for o in opts for g in o.param_groups]:
@@ -318,24 +313,18 @@ def train(args):
             loss_sum += loss.detach()  # stays on the device: no sync per step
             step += 1
             if time.time() - t_log > args.log_every and i + 1 < steps_per_epoch:
-                t_log, done = time.time(), time.time() - t_epoch
-                eta = (time.time() - t_train) / step * (total_steps - step)
-                print(f'ep {epoch}/{args.epochs} | step {step}/{total_steps} | loss {loss_sum.item() / (i + 1):.4f} | '
-                      f'lr {lr:.1e} | {(i + 1) * args.batch_size / done:.0f} img/s | '
-                      f'elapsed {fmt_time(time.time() - t0)} | eta {fmt_time(eta)}', flush=True)
-        img_s = steps_per_epoch * args.batch_size / (time.time() - t_epoch)  # training only, not evaluation
+                t_log = time.time()
+                show(epoch, loss_sum.item() / (i + 1), (i + 1) * bs / (t_log - t_epoch))
+        img_s = steps_per_epoch * bs / (time.time() - t_epoch)  # training only, not evaluation
         train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss):
             sys.exit(f'error: the training loss became {train_loss} in epoch {epoch} (lr {lr:.1e}); stopped without '
                      'saving weights: try a lower --lr or a longer --warmup')
         test_loss, test_acc = evaluate(model, x_test, y_test, mean, std, amp)
-        elapsed = time.time() - t0
-        eta = (time.time() - t_train) / epoch * (args.epochs - epoch)
-        print(f'ep {epoch}/{args.epochs} | step {step}/{total_steps} | loss {train_loss:.4f} | '
-              f'test_loss {test_loss:.4f} | test_acc {test_acc:.2f} | lr {lr:.1e} | {img_s:.0f} img/s | '
-              f'elapsed {fmt_time(elapsed)} | eta {fmt_time(eta)}', flush=True)
+        show(epoch, train_loss, img_s, f'test_loss {test_loss:.4f} | test_acc {test_acc:.2f} | ')
         with open(log_path, 'a') as f:
-            f.write(f'{epoch},{train_loss:.4f},{test_loss:.4f},{test_acc:.2f},{lr:.3e},{img_s:.1f},{elapsed:.1f}\n')
+            f.write(f'{epoch},{train_loss:.4f},{test_loss:.4f},{test_acc:.2f},{lr:.3e},{img_s:.1f},'
+                    f'{time.time() - t0:.1f}\n')
         tmp = model_path + '.tmp'  # write then rename: a crash never leaves a half-written model.pt
         torch.save({'model': model.state_dict(), 'args': vars(args)}, tmp)
         os.replace(tmp, model_path)
