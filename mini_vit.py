@@ -5,7 +5,8 @@ and the standard library: copy it anywhere.
     python mini_vit.py                                   # MNIST, downloaded into ./data when missing
     python mini_vit.py --dataset fashion --data-dir DIR  # reads DIR/FashionMNIST/raw/*-ubyte
     -> Fashion-MNIST: 91.33% test accuracy (91.64% with test-time flip) in 8m43.7s, 1740-2226 img/s, on an idle
-    2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32); with --seed 1: 90.94% (91.22%) in 7m57.0s. MNIST: not measured.
+    2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32); --seed 1: 90.94% (91.22%) in 7m57.0s; --seed 2: 91.31% (91.45%)
+    in 9m23.7s. MNIST: not measured.
 Small CPU / laptop: `--epochs 4` (88.17%, 88.51% with flip, 2m13.8s there). On a CPU that other processes use,
 `--threads 1`: two threads on two busy cores ran up to 10x slower than one. README.md: the sweeps and GPU runs.
 

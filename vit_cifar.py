@@ -14,15 +14,13 @@ GPU, CIFAR-10, one H100 (torch 2.11.0+cu130, bf16), the defaults (cifar_s: patch
     python vit_cifar.py --compile --data-dir DATA
     -> 86.76% (87.18% for the EMA with test-time flip) in 923.2 s, sharing the GPU with two other runs: the targets
     (92% at 100 epochs, 94% in 15 min) are missed. Run before cuDNN's attention was turned off; not re-run since.
-    CIFAR-100 and Muon on a GPU: not yet measured. README.md has the other GPU runs (MixUp/CutMix, lr 1e-3, patch 2).
+    CIFAR-100 and Muon on a GPU: not yet measured. README.md has the other GPU runs.
 CPU recipe, CIFAR-10, fp32, an idle 2-core AMD EPYC Zen3 VM, torch 2.14.1:
     python vit_cifar.py --device cpu --model cifar_cpu --dim 96 --heads 3 --depth 4 --pool mean --pos-embed sincos \\
         --epochs 11 --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 \\
         --drop-path 0 --ema 0 --optimizer muon --eval-every 3 --data-dir DATA
-    -> 79.28% test accuracy (79.61% with test-time flip) in 23m44.8s, 370-475 img/s, 0.31M params. The same with
-    --epochs 9: 78.73% in 20m29.5s; --epochs 4: 73.02% in 10m24.4s. AdamW (the default optimizer) needed 13 epochs
-    and 27m17.7s for 71.50%. On a CPU that other processes use, set OMP_WAIT_POLICY=PASSIVE (OpenMP's spinning made
-    2 threads ~5x slower there). Augmentation, everything on: 2.1% of a cifar_cpu step on that CPU.
+    -> 79.28% test accuracy (79.61% with test-time flip) in 23m44.8s, 370-475 img/s, 0.31M params (--epochs 4:
+    73.02% in 10m24.4s). On a CPU that other processes use, set OMP_WAIT_POLICY=PASSIVE.
 """
 import argparse
 import contextlib
