@@ -100,6 +100,9 @@ class ViT(nn.Module):
                  mlp_ratio=4.0, qkv_bias=True, pool="cls", pos_embed="learn", dropout=0., attn_dropout=0.,
                  drop_path=0.):
         super().__init__()
+        if min(img_size, patch_size, dim, heads, depth + 1, mlp_ratio) <= 0:
+            raise ValueError(f"sizes must be positive: img_size {img_size}, patch_size {patch_size}, dim {dim}, "
+                             f"heads {heads}, depth {depth} (0: no blocks), mlp_ratio {mlp_ratio}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if dim % heads:
@@ -447,6 +450,18 @@ def apply_recipe(args, recipe, given):
         setattr(args, k, getattr(args, k) if k in given else v)
 
 
+def check_ranges(parser, args, ranges):
+    """parser.error (one line, exit 2) for the first flag outside its range. ranges: {"> 0": "epochs lr", ...}, the
+    flags' dest names; None (a size override not given) passes, NaN and infinity fail."""
+    ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    for cond, names in ranges.items():
+        op, bound = cond.split()
+        for k in names.split():
+            v = getattr(args, k)
+            if v is not None and not (math.isfinite(v) and ops[op](float(v), float(bound))):
+                parser.error(f"--{k.replace('_', '-')} must be {cond if math.isfinite(v) else 'finite'}, got {v}")
+
+
 def given_args(parser, argv=None):
     """The names of the options given on the command line (parsed again with every default suppressed)."""
     saved = [a.default for a in parser._actions]
@@ -555,12 +570,15 @@ class Logger:
 
     def __init__(self, out_dir, columns, append=False, enabled=True):
         self.out_dir, self.columns, self.enabled, self.t0 = out_dir, columns, enabled, time.time()
-        if enabled:
-            os.makedirs(out_dir, exist_ok=True)
-            csv_path = os.path.join(out_dir, "log.csv")
-            if not (append and os.path.exists(csv_path)):
-                with open(csv_path, "w", newline="") as f:
-                    csv.writer(f).writerow(columns)
+        csv_path = os.path.join(out_dir, "log.csv")
+        try:
+            if enabled:
+                os.makedirs(out_dir, exist_ok=True)
+                if not (append and os.path.exists(csv_path)):
+                    with open(csv_path, "w", newline="") as f:
+                        csv.writer(f).writerow(columns)
+        except OSError as e:  # read-only, a file in the way, no space
+            die(f"cannot write {csv_path}: {e.strerror or e}; pick another --out-dir")
 
     def __call__(self, msg):
         if self.enabled:

@@ -69,16 +69,17 @@ def get_args(argv=None):
     a('--log-every', type=float, default=30.0, help='seconds between progress lines within an epoch')
     args = p.parse_args(argv)
     bad = [n for n in ('epochs', 'batch_size', 'dim', 'depth', 'heads', 'patch_size', 'lr', 'mlp_ratio') if
-           getattr(args, n) <= 0]
+           getattr(args, n) <= 0] + [n for n, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        p.error(f"--{bad[0].replace('_', '-')} must be > 0, got {getattr(args, bad[0])}")
+        p.error(f"--{bad[0].replace('_', '-')} {getattr(args, bad[0])} is out of range: a size, --epochs, --lr "
+                "must be > 0, every number finite")
     if IMG % args.patch_size:
         p.error(f'--patch-size {args.patch_size} must divide the image side {IMG} (1, 2, 4, 7, 14 or 28)')
     if args.dim % args.heads:
         p.error(f'--dim {args.dim} must be divisible by --heads {args.heads}')
-    if min(args.weight_decay, args.warmup, args.translate, args.label_smoothing, args.drop_path) < 0 or \
-            max(args.label_smoothing, args.drop_path) >= 1:
-        p.error('--weight-decay, --warmup and --translate must be >= 0; --label-smoothing and --drop-path in [0, 1)')
+    if min(args.weight_decay, args.warmup, args.translate, args.threads, args.label_smoothing, args.drop_path) < 0 \
+            or max(args.label_smoothing, args.drop_path) >= 1:
+        p.error('--weight-decay, --warmup, --translate, --threads must be >= 0; --label-smoothing, --drop-path: [0, 1)')
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda but CUDA is not available (use --device cpu)')
     args.device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -286,9 +287,12 @@ def train(args):
           f'model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {total_steps} steps | '
           f'data ready in {time.time() - t0:.1f}s', flush=True)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(log_path, 'w') as f:
-        f.write('epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s\n')
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(log_path, 'w') as f:
+            f.write('epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s\n')
+    except OSError as e:  # read-only, a file in the way, no space
+        sys.exit(f'error: cannot write {log_path}: {e.strerror or e}; pick another --out-dir')
     step, t_train = 0, time.time()
 
     def show(epoch, loss, speed, extra=''):  # one greppable progress line

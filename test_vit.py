@@ -150,6 +150,7 @@ def test_value_errors():
     cases = [(lambda: ViT(img_size=30, patch_size=4), "divisible by patch_size"),
              (lambda: ViT(dim=100, heads=3), "divisible by heads"),
              (lambda: ViT(pool="max"), "pool"),
+             (lambda: ViT(heads=0), "sizes must be positive"),
              (lambda: create_vit("vit_huge"), "unknown preset"),
              (lambda: ViT(img_size=32, patch_size=4, dim=30, heads=3, pos_embed="sincos"), "divisible by 4"),
              (lambda: create_vit("cifar_cpu")(torch.randn(1, 3, 64, 64)), "expected input (B, 3, 32, 32)"),
@@ -254,6 +255,24 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             assert words in str(e) and "\n" not in str(e), str(e)
         else:
             raise AssertionError(f"no CheckpointError for {words}")
+    err = io.StringIO()  # an --out-dir that cannot be written (a file is in the way): one line, exit 2
+    with contextlib.redirect_stderr(err):
+        try:
+            common.Logger(os.path.join(path, "sub"), ["epoch"])
+            raise AssertionError("Logger wrote under a file")
+        except SystemExit as e:
+            assert e.code == 2 and "cannot write" in err.getvalue() and len(err.getvalue().splitlines()) == 1
+
+
+def flag_error(get_args, argv):
+    """get_args(argv) in-process (its checks run before anything else): (exit code, last stderr line)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            get_args(argv)
+        except SystemExit as e:
+            return e.code, (err.getvalue().splitlines() or [""])[-1]
+    return None, f"{argv} accepted"
 
 
 # ------------------------------------------------------------------------------------------------- mini_vit.py
@@ -409,18 +428,20 @@ def test_mini_bad_flags(tmp_path):
     sys.path.insert(0, HERE)
     import mini_vit
     bad = [(['--batch-size', '0'], 'batch-size'), (['--epochs', '-1'], 'epochs'), (['--dim', '30', '--heads', '4'],
-           'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing')]
+           'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing'),
+           (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads')]
     if not torch.cuda.is_available():
         bad.append((['--device', 'cuda'], 'CUDA'))
     for flags, word in bad:
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                mini_vit.get_args(flags)
-                code = None
-            except SystemExit as e:
-                code = e.code
-        assert code == 2 and 'error' in err.getvalue() and word in err.getvalue().splitlines()[-1], (flags, err)
+        code, line = flag_error(mini_vit.get_args, flags)
+        assert code == 2 and 'error' in line and word in line, (flags, line)
+    _write_tiny_mnist(str(tmp_path))  # an --out-dir that cannot be written: a file is in the way
+    (tmp_path / 'file').write_text('')
+    try:
+        mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'file' / 'out'), '--device', 'cpu'])
+        raise AssertionError('wrote under a file')
+    except SystemExit as e:
+        assert str(e.code).startswith('error: cannot write'), e.code
 
 
 # ------------------------------------------------------------------------------------------------ vit_cifar.py
@@ -534,15 +555,10 @@ def test_cifar_clear_errors(tmp_path):
     for flags, word in ((["--batch-size", "0"], "--batch-size"), (["--patch", "5"], "--patch 5"),
                         (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"),
                         (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size"),
-                        (["--aug-chunk", "-1"], "--aug-chunk")):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                vit_cifar.get_args(["--data-dir", data, *flags])
-                raise AssertionError(f"{flags} accepted")
-            except SystemExit as e:
-                assert e.code == 2
-        assert word in err.getvalue().splitlines()[-1], err.getvalue()
+                        (["--aug-chunk", "-1"], "--aug-chunk"), (["--heads", "0"], "--heads"),
+                        (["--clip-grad", "-1"], "--clip-grad"), (["--warmup", "inf"], "--warmup")):
+        code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
+        assert code == 2 and word in line, (flags, line)
     check_error(run_cifar(*base, "--heads", 3, ok=False), "heads")  # dim 32 is not divisible by 3 heads
     check_error(run_cifar(*base, "--batch-size", 500, ok=False), "--batch-size 500")
     # missing data: torchvision tries to download, which fails offline (or, here, is made to fail)
@@ -818,6 +834,11 @@ def test_imagenet_clear_errors(tmp_path):
     for (message, argv), (code, err) in zip(cases.items(), json.loads(r.stdout.strip().splitlines()[-1])):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
+    sys.path.insert(0, HERE)
+    import vit_imagenet
+    for flags, word in ((["--randaug-mag", "31"], "--randaug-mag must be <= 30"), (["--clip", "nan"], "--clip")):
+        code, line = flag_error(vit_imagenet.get_args, ["--data-dir", good, *flags])
+        assert code == 2 and word in line, (flags, line)
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark

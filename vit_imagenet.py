@@ -139,15 +139,11 @@ def get_args(argv=None):
     args.out_dir = args.out_dir or os.path.join("out", "vit_imagenet")
     args.img_size = args.img_size or (0 if args.pretrained else 224)  # 0: the weights' resolution
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
-    v = vars(args)
-    bad = ([k for k in ("epochs", "batch_size", "accum_steps", "patch", "lr") if v[k] <= 0]
-           + [k for k in ("img_size", "depth", "warmup", "workers", "randaug", "stop_after", "weight_decay", "clip",
-                          "mixup", "cutmix", "label_smoothing", "drop_path", "ema") if v[k] < 0]
-           + [k for k in ("label_smoothing", "drop_path", "ema") if v[k] >= 1] + ["layer_decay"] * (
-               not 0 < args.layer_decay <= 1)
-           + [k for k in ("crop_scale", "crop_pct") if not 0 < v[k] <= 1])
-    if bad:
-        p.error(f"--{bad[0].replace('_', '-')} {v[bad[0]]} is out of range (see --help)")
+    common.check_ranges(p, args, {
+        "> 0": "epochs batch_size accum_steps patch lr layer_decay crop_scale crop_pct",
+        ">= 0": "img_size depth warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix "
+                "label_smoothing drop_path ema threads log_every",
+        "< 1": "label_smoothing drop_path ema", "<= 1": "layer_decay crop_scale crop_pct", "<= 30": "randaug_mag"})
     if not (args.data_dir or args.predict or args.synthetic):  # --predict: classes from the ckpt or the weights
         p.error("--data-dir is required")
     return args, ckpt
