@@ -10,9 +10,11 @@ import csv
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -87,8 +89,8 @@ class Block(nn.Module):
 
 def sincos_pos_embed(grid, dim, temperature=10000.):
     """Fixed 2-D sin-cos position embedding as in big_vision (posemb_sincos_2d): (grid*grid, dim)."""
-    if dim % 4:
-        raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got {dim}")
+    if dim % 4 or dim < 8:
+        raise ValueError(f"pos_embed='sincos' needs dim divisible by 4 and >= 8, got {dim}")
     y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1))
     y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega  # (grid*grid, dim/4)
@@ -284,6 +286,8 @@ def load_pretrained(source, num_classes, img_size=None, **overrides):
     Strict apart from the head: anything else that differs is a CheckpointError naming it."""
     sd, info = read_pretrained(source)
     w = sd["patch_embed.proj.weight"]  # (dim, in_chans, patch, patch)
+    if w.shape[1] != 3:
+        raise CheckpointError(f"{source} takes {w.shape[1]}-channel images; these scripts train on RGB (3 channels)")
     dim, patch, prefix = w.shape[0], w.shape[-1], int("cls_token" in sd)
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     grid = math.isqrt(sd["pos_embed"].shape[1] - prefix) if "pos_embed" in sd else None
@@ -503,14 +507,24 @@ def evaluate(model, batches, autocast=nullcontext, flip=False):
     return sums
 
 
-def read_image(path, size):
-    """An image file as a float (3, size, size) tensor in [0, 1] (torchvision.io decodes JPEG, PNG, GIF, WEBP)."""
+def decode_rgb(path):
+    """An image file (JPEG, PNG, GIF, WEBP) as uint8 (3, H, W) RGB, 16-bit PNGs scaled; else a one-line ValueError."""
     from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
     try:
+        if not os.path.isfile(path):
+            raise FileNotFoundError("not a file, or missing")
         img = decode_image(path, mode=ImageReadMode.RGB)
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:100]}") from None
-    return F.interpolate(img[None].float() / 255, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
+    except Exception as e:  # torchvision's messages start with "<function>, <file>.cpp:<line>, "
+        why = re.sub(r"^\w+, \S+:\d+, ", "", (str(e).splitlines() or [type(e).__name__])[0])
+        raise ValueError(f"cannot read image {path}: {why[:100]}") from None
+    return to_dtype(img[0] if img.ndim == 4 else img, torch.uint8, scale=True)  # GIF: 1st frame; uint8: no-op
+
+
+def read_image(path, size):
+    """An image file as a float (3, size, size) tensor in [0, 1]."""
+    img = decode_rgb(path)[None].float() / 255
+    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
 
 
 def print_top5(logits, files, classes):
@@ -527,13 +541,17 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(obj, path):
     """Atomic: a crash mid-write leaves the previous checkpoint intact."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # no space, no permission (torch.save raises RuntimeError)
+        die(f"cannot write {path} ({str(e).splitlines()[0][:150]}); the previous checkpoint, if any, is intact")
 
 
 def load_checkpoint(path, required=("model",)):
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} " + ("is a folder: give the ckpt.pt in it" if os.path.isdir(path)
+                                                       else "not found"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -571,14 +589,18 @@ class Logger:
     def __init__(self, out_dir, columns, append=False, enabled=True):
         self.out_dir, self.columns, self.enabled, self.t0 = out_dir, columns, enabled, time.time()
         csv_path = os.path.join(out_dir, "log.csv")
+        if enabled and not append and os.path.exists(csv_path):  # a run that never saved a checkpoint: keep its log
+            die(f"{csv_path} exists (an earlier run's log): move it away, or pick another --out-dir")
         try:
             if enabled:
                 os.makedirs(out_dir, exist_ok=True)
+                tempfile.NamedTemporaryFile(dir=out_dir).close()  # new files too, as ckpt.pt's temp file
                 if not (append and os.path.exists(csv_path)):
                     with open(csv_path, "w", newline="") as f:
                         csv.writer(f).writerow(columns)
+                open(os.path.join(out_dir, "log.txt"), "a").close()
         except OSError as e:  # read-only, a file in the way, no space
-            die(f"cannot write {csv_path}: {e.strerror or e}; pick another --out-dir")
+            die(f"cannot write in {out_dir}: {e.strerror or e}; pick another --out-dir")
 
     def __call__(self, msg):
         if self.enabled:

@@ -96,13 +96,18 @@ def load_data(args):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # silence torchvision's per-mirror chatter
                 ds = cls(args.data_dir, train=train, download=True)
+            x, y = ds.data, ds.targets
+            if x.shape[1:] != (IMG, IMG) or y.shape != x.shape[:1] or not 0 <= y.min() <= y.max() <= 9:
+                raise ValueError(f'images {tuple(x.shape)}, labels {tuple(y.shape)} in {y.min()}..{y.max()}')
         except Exception as e:  # offline (URLError / RuntimeError), unwritable folder, unreadable files
             why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(':')[:100]
             raw = os.path.join(args.data_dir, cls.__name__, 'raw')
+            idx = [f'{s}-{k}' for s in ('train', 't10k') for k in ('images-idx3-ubyte', 'labels-idx1-ubyte')]
+            if all(os.path.isfile(os.path.join(raw, f)) for f in idx):
+                sys.exit(f'error: the idx files in {raw}/ are truncated or corrupt ({why})')
             sys.exit(f'error: no {cls.__name__} in {raw}/ and the download failed ({why}); put the idx files '
-                     'train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte '
-                     'there (unpacked)')
-        out += [ds.data, ds.targets]
+                     f'{", ".join(idx)} there (unpacked)')
+        out += [x, y]
     return out
 
 

@@ -216,6 +216,23 @@ def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
         assert "1 optimizer states" in str(e) and "asks for 2" in str(e)
 
 
+def test_decode_rgb_16bit_gif_and_errors(tmp_path):
+    from PIL import Image
+    Image.fromarray((torch.arange(64).view(8, 8) * 1000).numpy().astype("uint16")).save(tmp_path / "g16.png")
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]  # an animated GIF: its first frame
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    g16, gif = common.decode_rgb(str(tmp_path / "g16.png")), common.decode_rgb(str(tmp_path / "anim.gif"))
+    assert g16.dtype == torch.uint8 and g16.shape == (3, 8, 8) and g16.max() == 63000 // 256  # the top 8 bits
+    assert gif.shape == (3, 8, 8) and gif[0].float().mean() > 200 and gif[2].float().mean() < 50
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name, words in (("none.png", "not a file"), ("empty.png", "non empty"), ("", "not a file")):
+        try:
+            common.read_image(str(tmp_path / name), 16)
+            raise AssertionError(f"{name} read")
+        except ValueError as e:
+            assert words in str(e) and ".cpp" not in str(e), str(e)
+
+
 def test_evaluate_counts_top1_top5():
     class Fixed(torch.nn.Module):  # logits are the input: class i scores x[:, i]
         def forward(self, x):
@@ -419,6 +436,18 @@ def test_mini_missing_dataset_offline(tmp_path):
     assert len(lines) == 1, r.stderr
     assert os.path.join(str(tmp_path), 'FashionMNIST', 'raw') in lines[0] and 'train-images-idx3-ubyte' in lines[0]
     assert not os.path.exists(str(tmp_path / 'out' / 'log.csv'))
+    sys.path.insert(0, HERE)
+    import mini_vit  # files there but corrupt: a label out of 0..9, a truncated image file; in-process, no download
+    _write_tiny_mnist(str(tmp_path))
+    raw = tmp_path / 'MNIST' / 'raw'
+    for name, cut in (('t10k-labels-idx1-ubyte', lambda b: b[:-1] + bytes([12])), ('train-images-idx3-ubyte',
+                                                                                  lambda b: b[:5000])):
+        (raw / name).write_bytes(cut((raw / name).read_bytes()))
+        try:
+            mini_vit.load_data(mini_vit.get_args(['--data-dir', str(tmp_path)]))
+            raise AssertionError(f'corrupt {name} accepted')
+        except SystemExit as e:
+            assert 'truncated or corrupt' in str(e.code), e.code
 
 
 def test_mini_bad_flags(tmp_path):
@@ -542,9 +571,28 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     assert a["step"] == b["step"] == 20
     with open(tmp_path / "b" / "log.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    # a stop at an epoch's last step (10 of 10) resumes into that epoch's end: its test, log row and save
+    run_cifar(*base, "--out-dir", tmp_path / "c", "--interrupt-at", 10, ok=False)
+    run_cifar(*base, "--out-dir", tmp_path / "c", "--resume", tmp_path / "c" / "ckpt.pt")
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    assert c["step"] == 20 and all(torch.equal(a["model"][n], c["model"][n]) for n in a["model"])
+    with open(tmp_path / "c" / "log.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
     # the optimizer states must fit the --optimizer asked for
     check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--epochs", 3, "--optimizer", "adamw", ok=False),
                 "cannot resume", "2 optimizer states")
+    # what a checkpoint fixes (dataset, model, batch size); another run's ckpt.pt in --out-dir; other data
+    sys.path.insert(0, HERE)
+    import vit_cifar
+    for flags, word in ((["--batch-size", "16"], "--batch-size 16"), (["--dataset", "cifar100"], "cifar100"),
+                        (["--dim", "64"], "--dim 64")):
+        code, line = flag_error(vit_cifar.get_args, ["--resume", str(tmp_path / "b" / "ckpt.pt"), *flags])
+        assert code == 2 and word in line and "keeps its dataset" in line, (flags, line)
+    check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--out-dir", tmp_path / "a", "--epochs", 3,
+                          ok=False), "exists")
+    write_cifar10(tmp_path / "data2", n_train=160)
+    check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--data-dir", tmp_path / "data2", "--epochs", 3,
+                          ok=False), "cannot resume", "320 training images")
 
 
 def test_cifar_clear_errors(tmp_path):
@@ -556,7 +604,8 @@ def test_cifar_clear_errors(tmp_path):
                         (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"),
                         (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size"),
                         (["--aug-chunk", "-1"], "--aug-chunk"), (["--heads", "0"], "--heads"),
-                        (["--clip-grad", "-1"], "--clip-grad"), (["--warmup", "inf"], "--warmup")):
+                        (["--clip-grad", "-1"], "--clip-grad"), (["--warmup", "inf"], "--warmup"),
+                        (["--pretrained", "vit_b_16", "--predict", "a.png"], "--resume CKPT")):
         code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
         assert code == 2 and word in line, (flags, line)
     check_error(run_cifar(*base, "--heads", 3, ok=False), "heads")  # dim 32 is not divisible by 3 heads
@@ -807,7 +856,11 @@ def test_imagenet_clear_errors(tmp_path):
                 f.write(b"junk")
     os.makedirs(tmp_path / "o")
     (tmp_path / "o" / "ckpt.pt").write_bytes(b"truncated")
-    cases = {"train/": ["--data-dir", str(tmp_path)],  # no train/ folder
+    one_class, tiny = _imagenet_tree(str(tmp_path / "d4"), classes=1), _imagenet_tree(str(tmp_path / "d5"), tiny=True)
+    with open(os.path.join(tiny, "val", "val_annotations.txt"), "a") as f:
+        f.write("a line without tabs\n")
+    cases = {"2 or more": ["--data-dir", one_class], "tab-separated": ["--data-dir", tiny],
+             "train/": ["--data-dir", str(tmp_path)],  # no train/ folder
              "--resume": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "o")],  # ckpt.pt is not overwritten
              "corrupt": ["--resume", str(tmp_path / "o" / "ckpt.pt"), "--eval-only"],
              "n09": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "p")],

@@ -46,6 +46,9 @@ DATASETS = {  # dir, train files, test file, label key, meta file, class-name ke
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names",
                  (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 CONTROL = ("resume", "ckpt", "eval_only", "predict", "interrupt_at", "device", "threads", "compile", "out_dir")
+# what a checkpoint fixes: given with one, a flag must match it (a shape flag may also match the model's own shape)
+FIXED = dict(dataset="", model="", batch_size="", patch="patch_size", dim="dim", depth="depth", heads="heads",
+             mlp_ratio="mlp_ratio", pool="pool", pos_embed="pos_embed", img_size="img_size")
 # --pretrained's recipe: a short, gentle schedule without the from-scratch regularisers; flags given still win
 FINETUNE = dict(epochs=10, batch_size=128, lr=1e-4, warmup=1, weight_decay=0.05, policy="none", mixup=0.0,
                 cutmix=0.0, erase=0.0, ema=0.0, drop_path=0.1)
@@ -57,7 +60,7 @@ def get_args(argv=None):
     a = p.add_argument
     a("--dataset", default="cifar10", choices=list(DATASETS), help="which CIFAR")
     a("--data-dir", default="./data", help="holds cifar-10-batches-py/ or cifar-100-python/ (downloaded if missing)")
-    a("--out-dir", default=None, help="ckpt.pt, logs, pictures (default: runs/<dataset>, or the --resume ckpt's dir)")
+    a("--out-dir", default=None, help="for ckpt.pt, logs, pictures; None: runs/<dataset>, or the --resume ckpt's dir")
     a("--epochs", type=int, default=100, help="the run's total number of epochs (also when resuming)")
     a("--batch-size", type=int, default=128, help="training batch size")
     a("--lr", type=float, default=4e-4, help="peak learning rate (AdamW's, and Muon's with --optimizer muon)")
@@ -89,7 +92,8 @@ def get_args(argv=None):
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--seed", type=int, default=0, help="seeds the model init, data order and augmentation")
     a("--compile", action="store_true", help="torch.compile the training model")
-    a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint (its args, unless given again)")
+    a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint: its args, but for those given "
+      "again (its dataset, model and batch size stay)")
     a("--eval-only", action="store_true", help="evaluate --resume CKPT (default <out-dir>/ckpt.pt) and exit")
     a("--predict", nargs="+", default=None, metavar="FILE", help="print top-5 classes of image files and exit")
     a("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (and always at the end)")
@@ -97,16 +101,23 @@ def get_args(argv=None):
     a("--interrupt-at", type=int, default=0, help="testing aid: send SIGTERM to itself at this global step (0: off)")
     args, given = p.parse_args(argv), C.given_args(p, argv)
     args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
+    if args.predict and args.pretrained and not args.resume:
+        p.error("--predict needs a checkpoint of this script, --resume CKPT (--pretrained weights have no CIFAR head)")
     args.ckpt = args.resume or (os.path.join(args.out_dir or os.path.join("runs", args.dataset), "ckpt.pt")
                                 if (args.eval_only and not args.pretrained) or args.predict else None)
     if args.ckpt:  # the checkpoint's args, overridden by those given again on this command line
         saved = load_ckpt(args.ckpt)["args"]
+        arch = saved.get("arch") or {}
+        clash = [k for k in FIXED if k in given and getattr(args, k) not in (saved.get(k), arch.get(FIXED[k]))]
+        if clash:
+            p.error(f"--{clash[0].replace('_', '-')} {getattr(args, clash[0])}, but {args.ckpt} has "
+                    f"{saved.get(clash[0])}: a checkpoint keeps its dataset, model and batch size")
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in CONTROL},
                                      **{k: getattr(args, k) for k in given}})
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     elif args.pretrained:
         C.apply_recipe(args, FINETUNE, given)
-    args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
+    args.out_dir, args.data_dir = args.out_dir or os.path.join("runs", args.dataset), os.path.abspath(args.data_dir)
     C.check_ranges(p, args, {
         "> 0": "epochs batch_size eval_every log_every lr patch dim depth heads mlp_ratio layer_decay",
         ">= 0": "weight_decay warmup clip_grad label_smoothing mixup cutmix erase ema aug_chunk img_size drop_path "
@@ -278,7 +289,11 @@ def main():
             m, x = models.get("ema", models["model"]), prep(x.to(device))
             with torch.no_grad(), autocast():
                 return C.print_top5((m(x).float() + m(x.flip(-1)).float()) / 2, args.predict, classes)
-    data = data or load_cifar(args.dataset, args.data_dir)[0]
+    if data is None:  # the checkpoint's classes came first
+        data, names = load_cifar(args.dataset, args.data_dir)
+        if names != classes:
+            C.die(f"{args.dataset} in {args.data_dir} has {len(names)} classes ({names[0]}, ...), the checkpoint's "
+                  f"model {len(classes)} ({classes[0]}, ...)")
     (xtr, ytr), (xte, yte) = [(x.to(device), y.to(device)) for x, y in (data["train"], data["test"])]
 
     def test(m, flip=False):  # (loss, top-1 %)
@@ -287,8 +302,8 @@ def main():
         return s[0] / s[3], 100 * s[1] / s[3]
 
     if args.eval_only:
-        if "pretrained" in models and not info["head_kept"]:
-            print(f"note: the weights have no head for {len(classes)} classes, so a new (zero) one scores chance")
+        if "pretrained" in models and not info["head_kept"]:  # a new, zero head would score chance
+            C.die(f"{args.pretrained} has no head for these {len(classes)} classes: fine-tune it first")
         for k, m in models.items():
             (lo, ac), (lf, af) = test(m), test(m, flip=True)
             print(f"{k} | test loss {lo:.4f} acc {ac:.2f}% | with flip: loss {lf:.4f} acc {af:.2f}%")
@@ -320,11 +335,14 @@ def main():
             torch.set_rng_state(ck["rng"]["cpu"])
             gen.set_state(ck["rng"]["gen"])
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"]) if cuda and ck["rng"]["cuda"] else None
+            if ck.get("n_train", n) != n:
+                raise ValueError(f"its run had {ck['n_train']} training images, {args.data_dir} has {n}")
             epoch, batch, step, perm, sums, elapsed = (ck[k] for k in ("epoch", "batch", "step", "perm", "sums",
                                                                        "elapsed"))
         except (C.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
-            C.die(f"cannot resume from {args.ckpt}: {str(e).splitlines()[0][:200]}")
-    elif os.path.exists(ckpt_path):
+            C.die(f"cannot resume from {args.ckpt}: " + (f"it has no {e} (a checkpoint of another script?)" if
+                  isinstance(e, KeyError) else str(e).splitlines()[0][:200]))
+    if os.path.exists(ckpt_path) and not (ck and os.path.samefile(ckpt_path, args.ckpt)):  # another run's
         C.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick another --out-dir")
     model = torch.compile(raw) if args.compile else raw  # checkpoints and EMA use the unwrapped raw module
     mix = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
@@ -340,13 +358,14 @@ def main():
         C.save_checkpoint(dict(model=raw.state_dict(), ema=ema.module.state_dict() if ema else None,
                                ema_n=int(ema.n_averaged) if ema else 0, rng=rng, scaler=scaler.state_dict(),
                                optimizer=[o.state_dict() for o in opts], epoch=epoch, batch=batch, step=step, sums=sums,
-                               perm=perm.cpu() if batch else None, elapsed=time.time() - t_start,
+                               perm=perm.cpu() if batch else None, elapsed=time.time() - t_start, n_train=n,
                                args=vars(args), classes=classes), ckpt_path)
 
     log(f"{args.dataset}: {n} train / {len(xte)} test images on {device} ({prec}) | "
         f"{f'{args.pretrained} (pretrained)' if args.pretrained else args.model} {size}px "
         f"patch {args.arch['patch_size']} dim {args.arch['dim']} depth {args.arch['depth']} "
         f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | {spe} steps/epoch | from step {step}")
+    lr = C.lr_at(max(step - 1, 0), total, args.lr, warm)  # the last step's: a stop at an epoch's end resumes there
     try:
         for epoch in range(epoch, args.epochs):
             if batch == 0:

@@ -53,7 +53,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import find_classes, make_dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 import common
@@ -75,7 +74,8 @@ def get_args(argv=None):
     a("--data-dir", help="holds train/ and val/ (ImageNet, ImageFolder or TinyImageNet-200); --resume: the ckpt's")
     a("--val-dir", default="auto", help="evaluation folder inside --data-dir; auto: val/, else test/")
     a("--out-dir", help="for ckpt.pt, log.txt, log.csv; default out/vit_imagenet, or the --resume checkpoint's folder")
-    a("--model", default="vit_s16", choices=list(common.PRESETS), help="common.py preset (width, depth, heads)")
+    a("--model", default="vit_s16", choices=[k for k, v in common.PRESETS.items() if v.get("in_chans", 3) == 3],
+      help="common.py preset (width, depth, heads)")
     a("--img-size", type=int, default=0, help="train and eval resolution; 0: 224, or the --pretrained weights'")
     a("--patch", type=int, default=0, help="patch size; 0: 16 from 128 px, 8 from 64 px, else 4")
     a("--depth", type=int, default=0, help="transformer blocks; 0: the preset's")
@@ -127,8 +127,7 @@ def get_args(argv=None):
             ckpt = common.load_checkpoint(args.resume, required=("model", "args", "classes", "epoch", "step"))
         except common.CheckpointError as e:
             common.die(str(e))
-        ignored = [k for k, v in vars(args).items()
-                   if k not in RUNTIME and v not in (p.get_default(k), ckpt["args"].get(k))]
+        ignored = [k for k in sorted(given) if k not in RUNTIME and getattr(args, k) != ckpt["args"].get(k)]
         if ignored and os.environ.get("RANK", "0") == "0":
             print("note: --resume keeps the checkpoint's " + ", ".join("--" + k.replace("_", "-") for k in ignored))
         args = argparse.Namespace(**{**vars(p.parse_args([])), "arch": None, "mean": None, "std": None,
@@ -136,6 +135,7 @@ def get_args(argv=None):
                                      **{k: v for k, v in vars(args).items() if k in RUNTIME}})
         args.data_dir = args.data_dir or ckpt["args"].get("data_dir")
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
+    args.data_dir = args.data_dir and os.path.abspath(args.data_dir)  # saved in ckpt.pt: resumable from anywhere
     args.out_dir = args.out_dir or os.path.join("out", "vit_imagenet")
     args.img_size = args.img_size or (0 if args.pretrained else 224)  # 0: the weights' resolution
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
@@ -154,6 +154,8 @@ def get_args(argv=None):
 
 def scan(args, need_train=True):
     """(train, val, classes); train and val as [(path, label)]. One clear line when something is missing."""
+    if not os.path.isdir(args.data_dir):
+        common.die(f"--data-dir {args.data_dir} is not a folder")
     tr = os.path.join(args.data_dir, "train")
     names = ("val", "test") if args.val_dir == "auto" else (args.val_dir,)
     vd = next((os.path.join(args.data_dir, n) for n in names if os.path.isdir(os.path.join(args.data_dir, n))), None)
@@ -166,7 +168,10 @@ def scan(args, need_train=True):
         ann = os.path.join(vd, "val_annotations.txt")
         if os.path.isfile(ann):  # TinyImageNet-200: lines "<file>\t<wnid>\t<bbox>", the images in val/images/
             with open(ann) as f:
-                rows = [line.split("\t")[:2] for line in f if line.strip()]
+                rows = [line.rstrip("\r\n").split("\t")[:2] for line in f if line.strip()]
+            bad = next((i for i, r in enumerate(rows) if len(r) < 2), None)
+            if bad is not None:
+                common.die(f"{ann}: entry {bad + 1} is not '<file>\\t<wnid>...' (tab-separated)")
             unknown = sorted({w for _, w in rows if w not in idx})
             val = [(os.path.join(vd, "images", f), idx.get(w)) for f, w in rows]
         else:
@@ -174,6 +179,8 @@ def scan(args, need_train=True):
             val = make_dataset(vd, idx, EXTS, allow_empty=True)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         common.die(f"{tr}: {str(e).splitlines()[0]}")
+    if len(classes) < 2:
+        common.die(f"{tr} has {len(classes)} class folder(s): a classifier needs 2 or more")
     if unknown:
         common.die(f"{vd} has {len(unknown)} classes that {tr} lacks (e.g. {unknown[0]})")
     if not val:
@@ -195,9 +202,9 @@ class Images(Dataset):
         if path is None:  # --synthetic: no file, no decoding, no augmentation
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label
         try:
-            img = decode_image(path, mode=ImageReadMode.RGB)
-        except Exception as e:
-            return None, f"{path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+            img = common.decode_rgb(path)
+        except ValueError as e:
+            return None, str(e).removeprefix("cannot read image ")  # 'path: reason'
         if self.seed is None:
             return self.transform(img), label
         with torch.random.fork_rng(devices=[]):  # the same augmentation whichever process or worker loads it
@@ -251,6 +258,16 @@ def worker_init(_):
     threading.Thread(target=wait_for_parent, daemon=True).start()
 
 
+def start(dl):
+    """iter(dl) with SIGINT / SIGTERM held while its workers fork: they inherit the mask, so a signal sent to the
+    process group (torchrun, Ctrl-C) cannot kill one before worker_init runs; this process gets it right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return iter(dl)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Sampler(DistributedSampler):
     """A DistributedSampler that can start an epoch part-way, after a mid-epoch checkpoint."""
     skip = 0
@@ -281,7 +298,7 @@ def setup(device_name):
 def evaluate(model, dl, prep, autocast, skips, world, device):
     """(loss, top-1 %, top-5 %) over the whole val set: each process sums its unpadded shard, then all_reduce."""
     def batches():
-        for x, y, bad in dl:
+        for x, y, bad in start(dl):
             skips(bad, len(y))
             yield prep(x), y.to(device, non_blocking=True)
     sums = common.evaluate(model, batches(), autocast)  # zeros for an empty shard
@@ -294,7 +311,7 @@ def evaluate(model, dl, prep, autocast, skips, world, device):
 def main():
     args, ckpt = get_args()
     training, ckpt_path = not (args.eval_only or args.predict), os.path.join(args.out_dir, "ckpt.pt")
-    if training and not args.resume and os.path.exists(ckpt_path):
+    if training and os.path.exists(ckpt_path) and not (args.resume and os.path.samefile(ckpt_path, args.resume)):
         common.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or choose another --out-dir")
     rank, world, device = setup(args.device)
     common.seed_everything(args.seed)
@@ -317,6 +334,8 @@ def main():
             if rank == 0:
                 print(f"{args.pretrained}: {info['style']} ViT, {args.arch}, " + ("its head kept" if info["head_kept"]
                       else f"a new head for {len(classes)} classes"))
+            if not (training or info["head_kept"]):  # a new, zero head would score chance
+                common.die(f"{args.pretrained} has no head for these {len(classes)} classes: fine-tune it first")
         else:
             args.arch = args.arch or {**{k: v for k, v in common.PRESETS[args.model].items() if k != "num_classes"},
                                       "img_size": args.img_size, "patch_size": args.patch, "pool": args.pool,
@@ -344,7 +363,7 @@ def main():
                 common.load_optimizers(opts, ckpt["optimizer"])
                 scaler.load_state_dict(ckpt["scaler"])
         except (common.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
-            common.die(f"{args.resume}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+            common.die(f"{args.resume}: {' '.join(str(e).split())[:200] or type(e).__name__}")
         step, elapsed, epoch_loss = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("epoch_loss", 0.0)
 
     if args.predict:  # with the EMA weights when the checkpoint has them
@@ -378,7 +397,8 @@ def main():
         common.die(f"{len(train_ds)} training images are fewer than one --batch-size {B}" if steps == 0 else
                    f"--warmup {args.warmup} is not below the run's {total} steps (the recipe: 10k of 112k)")
     if ckpt and ckpt.get("steps_per_epoch") != steps:
-        common.die(f"{args.data_dir} gives {steps} steps per epoch, the checkpoint's run {ckpt.get('steps_per_epoch')}")
+        common.die(f"{args.data_dir} gives {steps} steps per epoch, the checkpoint's run " + str(
+            ckpt.get("steps_per_epoch", "? (not a vit_imagenet.py checkpoint)")))
     mixers = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mixers) if mixers else None
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -386,9 +406,10 @@ def main():
     net = torch.compile(ddp if ddp else model) if args.compile else ddp if ddp else model  # DDP first, then compile
     log = common.Logger(args.out_dir, COLUMNS, append=bool(args.resume), enabled=rank == 0)
     log(f"vit_imagenet | {world} process(es) x {micro} images x {A} accum = batch {B} | {device} {prec} | "
-        f"{len(train_ds)} train / {len(val_ds)} val images, {len(classes)} classes | {args.model} patch {args.patch} "
-        f"{args.img_size}px {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {total} steps, warmup "
-        f"{args.warmup}" + (f" | resumed at step {step}" if ckpt else ""))
+        f"{len(train_ds)} train / {len(val_ds)} val images, {len(classes)} classes | {args.pretrained or args.model} "
+        f"patch {args.arch['patch_size']} dim {args.arch['dim']} depth {args.arch['depth']} {args.img_size}px "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {total} steps, warmup {args.warmup}"
+        + (f" | resumed at step {step}" if ckpt else ""))
     stop = common.StopFlag(verbose=rank == 0)  # acted on at a step that every process agrees on
 
     def agreed(flag):  # True in every process if True in any
@@ -404,7 +425,7 @@ def main():
         sampler.skip, train_ds.epoch = s0 * A * micro, epoch  # skip: what a mid-epoch checkpoint already trained on
         model.train()
         loss_sum = torch.tensor(epoch_loss / world if s0 else 0.0, device=device)  # summed over steps (and ranks)
-        wait, it, t0 = 0.0, iter(train_dl), time.time()
+        wait, it, t0 = 0.0, start(train_dl), time.time()
         shown = t0
         for s in range(s0, steps):
             torch.manual_seed(hash((args.seed, step, rank)))  # MixUp, dropout: a function of the step: exact resume
