@@ -8,6 +8,7 @@ F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 import argparse
 import csv
 import math
+import operator
 import os
 import random
 import re
@@ -457,13 +458,24 @@ def apply_recipe(args, recipe, given):
 def check_ranges(parser, args, ranges):
     """parser.error (one line, exit 2) for the first flag outside its range. ranges: {"> 0": "epochs lr", ...}, the
     flags' dest names; None (a size override not given) passes, NaN and infinity fail."""
-    ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    ops = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
     for cond, names in ranges.items():
         op, bound = cond.split()
         for k in names.split():
             v = getattr(args, k)
-            if v is not None and not (math.isfinite(v) and ops[op](float(v), float(bound))):
-                parser.error(f"--{k.replace('_', '-')} must be {cond if math.isfinite(v) else 'finite'}, got {v}")
+            finite = not isinstance(v, float) or math.isfinite(v)  # an int is exact, however large
+            if v is not None and not (finite and ops[op](v, float(bound))):
+                parser.error(f"--{k.replace('_', '-')} must be {cond if finite else 'finite'}, got {v}")
+
+
+def check_fresh_log(out_dir):
+    """One error line if out_dir/log.csv holds an earlier run's rows. A header alone is from a run that stopped before
+    its first epoch ended (NaN, Ctrl-C, out of memory): that one may go, so the same command can be run again."""
+    path = os.path.join(out_dir, "log.csv")
+    if os.path.isfile(path):
+        with open(path) as f:
+            if sum(1 for line in f if line.strip()) > 1:
+                die(f"{path} holds an earlier run's rows: move it away, or pick another --out-dir")
 
 
 def given_args(parser, argv=None):
@@ -589,8 +601,8 @@ class Logger:
     def __init__(self, out_dir, columns, append=False, enabled=True):
         self.out_dir, self.columns, self.enabled, self.t0 = out_dir, columns, enabled, time.time()
         csv_path = os.path.join(out_dir, "log.csv")
-        if enabled and not append and os.path.exists(csv_path):  # a run that never saved a checkpoint: keep its log
-            die(f"{csv_path} exists (an earlier run's log): move it away, or pick another --out-dir")
+        if enabled and not append:
+            check_fresh_log(out_dir)
         try:
             if enabled:
                 os.makedirs(out_dir, exist_ok=True)

@@ -279,6 +279,14 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             raise AssertionError("Logger wrote under a file")
         except SystemExit as e:
             assert e.code == 2 and "cannot write" in err.getvalue() and len(err.getvalue().splitlines()) == 1
+    (tmp_path / "log.csv").write_text("epoch\n")  # a header alone: a run stopped in its first epoch, may go
+    common.Logger(str(tmp_path), ["epoch"]).row(epoch=1)
+    with contextlib.redirect_stderr(io.StringIO()):  # rows of an earlier run: kept
+        try:
+            common.Logger(str(tmp_path), ["epoch"])
+            raise AssertionError("an earlier run's log.csv overwritten")
+        except SystemExit as e:
+            assert e.code == 2
 
 
 def flag_error(get_args, argv):
@@ -588,6 +596,8 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
                         (["--dim", "64"], "--dim 64")):
         code, line = flag_error(vit_cifar.get_args, ["--resume", str(tmp_path / "b" / "ckpt.pt"), *flags])
         assert code == 2 and word in line and "keeps its dataset" in line, (flags, line)
+    for flags in (["--img-size", "0"], ["--mlp-ratio", "2"], ["--log-every", "1" + "0" * 400]):  # these match or fit
+        assert flag_error(vit_cifar.get_args, ["--resume", str(tmp_path / "b" / "ckpt.pt"), *flags])[0] is None, flags
     check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--out-dir", tmp_path / "a", "--epochs", 3,
                           ok=False), "exists")
     write_cifar10(tmp_path / "data2", n_train=160)

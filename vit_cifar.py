@@ -20,10 +20,11 @@ CPU recipe, CIFAR-10, fp32, an idle 2-core AMD EPYC Zen3 VM, torch 2.14.1:
         --epochs 11 --batch-size 64 --lr 2e-3 --warmup 0.5 --policy none --mixup 0 --cutmix 0 --erase 0 \\
         --drop-path 0 --ema 0 --optimizer muon --eval-every 3 --data-dir DATA
     -> 79.28% test accuracy (79.61% with test-time flip) in 23m44.8s, 370-475 img/s, 0.31M params; --seed 1: 79.13%
-    (79.41%) in 26m46.9s; --epochs 4: 73.02% in 10m24.4s. On a CPU that other processes use, OMP_WAIT_POLICY=PASSIVE.
+    (79.41%) in 26m46.9s; --epochs 4: 73.02% in 10m24.4s. On a CPU that others use, set OMP_WAIT_POLICY=PASSIVE.
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -102,16 +103,19 @@ def get_args(argv=None):
     args, given = p.parse_args(argv), C.given_args(p, argv)
     args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
     if args.predict and args.pretrained and not args.resume:
-        p.error("--predict needs a checkpoint of this script, --resume CKPT (--pretrained weights have no CIFAR head)")
+        p.error("--predict takes a checkpoint of this script: --resume CKPT (after a fine-tune: <out-dir>/ckpt.pt)")
     args.ckpt = args.resume or (os.path.join(args.out_dir or os.path.join("runs", args.dataset), "ckpt.pt")
                                 if (args.eval_only and not args.pretrained) or args.predict else None)
     if args.ckpt:  # the checkpoint's args, overridden by those given again on this command line
         saved = load_ckpt(args.ckpt)["args"]
-        arch = saved.get("arch") or {}
-        clash = [k for k in FIXED if k in given and getattr(args, k) not in (saved.get(k), arch.get(FIXED[k]))]
+        arch = {k: v.default for k, v in inspect.signature(C.ViT).parameters.items()}  # the ViT's defaults, then
+        arch.update(saved.get("arch") or {})  # the checkpoint model's own values
+        clash = [k for k in FIXED if k in given and getattr(args, k) not in (saved.get(k), arch.get(FIXED[k]))
+                 and (k, getattr(args, k)) != ("img_size", 0)]  # --img-size 0: whatever the model has
         if clash:
-            p.error(f"--{clash[0].replace('_', '-')} {getattr(args, clash[0])}, but {args.ckpt} has "
-                    f"{saved.get(clash[0])}: a checkpoint keeps its dataset, model and batch size")
+            k = clash[0]
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}, but {args.ckpt} has "
+                    f"{arch.get(FIXED[k], saved.get(k))}: a checkpoint keeps its dataset, model and batch size")
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in CONTROL},
                                      **{k: getattr(args, k) for k in given}})
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
@@ -303,7 +307,8 @@ def main():
 
     if args.eval_only:
         if "pretrained" in models and not info["head_kept"]:  # a new, zero head would score chance
-            C.die(f"{args.pretrained} has no head for these {len(classes)} classes: fine-tune it first")
+            C.die(f"{args.pretrained} has no head for these {len(classes)} classes: fine-tune it first, then "
+                  f"--eval-only --resume {os.path.join(args.out_dir, 'ckpt.pt')}")
         for k, m in models.items():
             (lo, ac), (lf, af) = test(m), test(m, flip=True)
             print(f"{k} | test loss {lo:.4f} acc {ac:.2f}% | with flip: loss {lf:.4f} acc {af:.2f}%")
@@ -342,8 +347,9 @@ def main():
         except (C.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
             C.die(f"cannot resume from {args.ckpt}: " + (f"it has no {e} (a checkpoint of another script?)" if
                   isinstance(e, KeyError) else str(e).splitlines()[0][:200]))
-    if os.path.exists(ckpt_path) and not (ck and os.path.samefile(ckpt_path, args.ckpt)):  # another run's
-        C.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick another --out-dir")
+    if os.path.exists(ckpt_path) and not (ck and os.path.samefile(ckpt_path, args.ckpt)):  # not to be overwritten
+        C.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick another --out-dir" +
+              (f" for the run from {args.ckpt}" if ck else ""))
     model = torch.compile(raw) if args.compile else raw  # checkpoints and EMA use the unwrapped raw module
     mix = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mix) if mix else None
