@@ -468,14 +468,17 @@ def check_ranges(parser, args, ranges):
                 parser.error(f"--{k.replace('_', '-')} must be {cond if finite else 'finite'}, got {v}")
 
 
-def check_fresh_log(out_dir):
-    """One error line if out_dir/log.csv holds an earlier run's rows. A header alone is from a run that stopped before
-    its first epoch ended (NaN, Ctrl-C, out of memory): that one may go, so the same command can be run again."""
-    path = os.path.join(out_dir, "log.csv")
-    if os.path.isfile(path):
-        with open(path) as f:
+def check_out_dir(out_dir, resume=None):
+    """One error line if out_dir holds another run's files: a ckpt.pt that is not the `resume` file, or, for a fresh
+    run, a log.csv with rows. A header alone is from a run that stopped before its first epoch ended (NaN, Ctrl-C,
+    out of memory): that one may go, so the same command can be run again."""
+    ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.csv")
+    if os.path.exists(ckpt) and not (resume and os.path.samefile(ckpt, resume)):
+        die(f"{ckpt} exists: continue it with --resume {ckpt}, or pick another --out-dir")
+    if not resume and os.path.isfile(log):
+        with open(log) as f:
             if sum(1 for line in f if line.strip()) > 1:
-                die(f"{path} holds an earlier run's rows: move it away, or pick another --out-dir")
+                die(f"{log} holds an earlier run's rows: move it away, or pick another --out-dir")
 
 
 def given_args(parser, argv=None):
@@ -602,7 +605,7 @@ class Logger:
         self.out_dir, self.columns, self.enabled, self.t0 = out_dir, columns, enabled, time.time()
         csv_path = os.path.join(out_dir, "log.csv")
         if enabled and not append:
-            check_fresh_log(out_dir)
+            check_out_dir(out_dir)
         try:
             if enabled:
                 os.makedirs(out_dir, exist_ok=True)

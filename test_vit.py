@@ -262,6 +262,7 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         f.write(data[: len(data) // 2])
     errors = [(lambda: common.load_checkpoint(path), "corrupt, truncated"),
               (lambda: common.load_checkpoint(str(tmp_path / "none.pt")), "not found"),
+              (lambda: common.load_checkpoint(str(tmp_path)), "is a folder"),
               (lambda: common.load_weights(ViT(img_size=16, patch_size=4, num_classes=5, dim=32, depth=1, heads=2),
                                            m.state_dict()), "head.weight (3, 32) vs (5, 32)"),
               (lambda: common.load_weights(m2, {"fc.weight": torch.zeros(1)}), "unexpected (e.g. fc.weight)")]
@@ -279,11 +280,20 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             raise AssertionError("Logger wrote under a file")
         except SystemExit as e:
             assert e.code == 2 and "cannot write" in err.getvalue() and len(err.getvalue().splitlines()) == 1
-    (tmp_path / "log.csv").write_text("epoch\n")  # a header alone: a run stopped in its first epoch, may go
-    common.Logger(str(tmp_path), ["epoch"]).row(epoch=1)
+    err = io.StringIO()  # a checkpoint that cannot be written: one line, the old one kept
+    with contextlib.redirect_stderr(err):
+        try:
+            common.save_checkpoint({"step": 8}, os.path.join(path, "sub", "ckpt.pt"))
+            raise AssertionError("saved under a file")
+        except SystemExit as e:
+            assert e.code == 2 and "cannot write" in err.getvalue() and len(err.getvalue().splitlines()) == 1
+    logs = tmp_path / "logs"  # no ckpt.pt here: a fresh run's folder
+    logs.mkdir()
+    (logs / "log.csv").write_text("epoch\n")  # a header alone: a run stopped in its first epoch, may go
+    common.Logger(str(logs), ["epoch"]).row(epoch=1)
     with contextlib.redirect_stderr(io.StringIO()):  # rows of an earlier run: kept
         try:
-            common.Logger(str(tmp_path), ["epoch"])
+            common.Logger(str(logs), ["epoch"])
             raise AssertionError("an earlier run's log.csv overwritten")
         except SystemExit as e:
             assert e.code == 2
@@ -603,6 +613,10 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     write_cifar10(tmp_path / "data2", n_train=160)
     check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--data-dir", tmp_path / "data2", "--epochs", 3,
                           ok=False), "cannot resume", "320 training images")
+    with open(tmp_path / "data2" / "cifar-10-batches-py" / "batches.meta", "wb") as f:  # other class names
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    check_error(run_cifar("--eval-only", "--resume", tmp_path / "b" / "ckpt.pt", "--data-dir", tmp_path / "data2",
+                          ok=False), "the checkpoint's model 10 (airplane")
 
 
 def test_cifar_clear_errors(tmp_path):
@@ -699,8 +713,9 @@ def test_pretrained_clear_errors(tmp_path):
     sd = ViT(img_size=32, patch_size=8, num_classes=5, dim=128, depth=2, heads=2).state_dict()
     torch.save({**sd, "fc_norm.weight": torch.ones(128)}, tmp_path / "extra.pth")  # e.g. timm's avg-pool ViTs
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    torch.save(ViT(img_size=28, patch_size=7, in_chans=1, dim=32, depth=1, heads=2).state_dict(), tmp_path / "gray.pth")
     for src, words in (("resnet.pth", ["not a ViT state_dict", "conv1.weight"]), ("extra.pth", ["fc_norm.weight"]),
-                       ("junk.pth", ["corrupt"]), ("vit_zz_99", ["vit_b_16"])):
+                       ("junk.pth", ["corrupt"]), ("vit_zz_99", ["vit_b_16"]), ("gray.pth", ["1-channel"])):
         try:
             common.load_pretrained(str(tmp_path / src) if src.endswith(".pth") else src, 10)
             raise AssertionError(f"{src} loaded")
@@ -869,7 +884,10 @@ def test_imagenet_clear_errors(tmp_path):
     one_class, tiny = _imagenet_tree(str(tmp_path / "d4"), classes=1), _imagenet_tree(str(tmp_path / "d5"), tiny=True)
     with open(os.path.join(tiny, "val", "val_annotations.txt"), "a") as f:
         f.write("a line without tabs\n")
+    torch.save(ViT(img_size=32, patch_size=4, num_classes=5, dim=32, depth=1, heads=2).state_dict(), tmp_path / "w5")
     cases = {"2 or more": ["--data-dir", one_class], "tab-separated": ["--data-dir", tiny],
+             "not a folder": ["--data-dir", str(tmp_path / "none")],
+             "no head for these 3 classes": ["--data-dir", good, "--pretrained", str(tmp_path / "w5"), "--eval-only"],
              "train/": ["--data-dir", str(tmp_path)],  # no train/ folder
              "--resume": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "o")],  # ckpt.pt is not overwritten
              "corrupt": ["--resume", str(tmp_path / "o" / "ckpt.pt"), "--eval-only"],

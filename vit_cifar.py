@@ -347,9 +347,7 @@ def main():
         except (C.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
             C.die(f"cannot resume from {args.ckpt}: " + (f"it has no {e} (a checkpoint of another script?)" if
                   isinstance(e, KeyError) else str(e).splitlines()[0][:200]))
-    if os.path.exists(ckpt_path) and not (ck and os.path.samefile(ckpt_path, args.ckpt)):  # not to be overwritten
-        C.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or pick another --out-dir" +
-              (f" for the run from {args.ckpt}" if ck else ""))
+    C.check_out_dir(args.out_dir, args.ckpt if ck else None)  # another run's ckpt.pt or log.csv stays
     model = torch.compile(raw) if args.compile else raw  # checkpoints and EMA use the unwrapped raw module
     mix = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mix) if mix else None

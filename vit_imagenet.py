@@ -311,10 +311,8 @@ def evaluate(model, dl, prep, autocast, skips, world, device):
 def main():
     args, ckpt = get_args()
     training, ckpt_path = not (args.eval_only or args.predict), os.path.join(args.out_dir, "ckpt.pt")
-    if training and not args.resume:  # every rank, before any set-up: one error line, not a torchrun crash
-        common.check_fresh_log(args.out_dir)
-    if training and os.path.exists(ckpt_path) and not (args.resume and os.path.samefile(ckpt_path, args.resume)):
-        common.die(f"{ckpt_path} exists: continue it with --resume {ckpt_path}, or choose another --out-dir")
+    if training:  # every rank, before any set-up: one error line, not a torchrun crash
+        common.check_out_dir(args.out_dir, args.resume)
     rank, world, device = setup(args.device)
     common.seed_everything(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
