@@ -1,20 +1,18 @@
 """
-mini_vit.py: train a small Vision Transformer on MNIST or Fashion-MNIST. One file that needs only torch, torchvision
-and the standard library: copy it anywhere.
+mini_vit.py: train a small Vision Transformer from scratch on MNIST or Fashion-MNIST. One file that needs only torch,
+torchvision and the standard library: copy it anywhere.
 
     python mini_vit.py                                   # MNIST, downloaded into ./data when missing
     python mini_vit.py --dataset fashion --data-dir DIR  # reads DIR/FashionMNIST/raw/*-ubyte
-    -> Fashion-MNIST: 91.33% test accuracy (91.64% with test-time flip) in 8m43.7s, 1740-2226 img/s, on an idle
-    2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32); --seed 1: 90.94% (91.22%) in 7m57.0s; --seed 2: 91.31% (91.45%)
-    in 9m23.7s. MNIST: not measured.
-Small CPU / laptop: `--epochs 4` (88.17%, 88.51% with flip, 2m13.8s there). On a CPU that other processes use,
-`--threads 1`: two threads on two busy cores ran up to 10x slower than one. README.md: the sweeps and GPU runs.
+    -> Fashion-MNIST on an idle 2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32): 91.33% test accuracy (91.64% with
+    test-time flip) in 8m43.7s; --seed 1: 90.94% (91.22%) in 7m57.0s; --seed 2: 91.31% (91.45%) in 9m23.7s.
+    MNIST, the same VM: 99.38% in 9m08.6s. Laptops: --epochs 4 (Fashion 88.17% in 2m13.8s there); a busy CPU:
+    --threads 1 (two threads on two busy cores ran up to 10x slower than one). More in README.md.
 
-The defaults: a ViT of patch 7, dim 64, depth 6, heads 2, mean pooling (0.21M params); Muon for the blocks' weight
-matrices, AdamW for the rest (at this budget the model is short of steps, and Muon makes more of each); shifts of up
-to 1 px, as longer runs overfit without them. Writes <out-dir>/log.csv and <out-dir>/model.pt = {'model': state_dict,
-'args': vars(args)}: timm's VisionTransformer's names and maths, so it loads into common.ViT / timm (strict=True) and
-gives the same logits. Inputs: (pixels / 255 - mean) / std, with MEAN_STD below.
+Defaults: patch 7, dim 64, depth 6, heads 2, mean pooling (0.21M params); Muon for the blocks' weight matrices, AdamW
+for the rest (the model is short of steps here, and Muon makes more of each); shifts of up to 1 px, as longer runs
+overfit without them. Writes <out-dir>/log.csv and model.pt = {'model': state_dict, 'args': vars(args)} with timm's
+names and maths: it loads into common.ViT or timm (strict) with the same logits. Inputs: (x / 255 - mean) / std.
 """
 import argparse
 import contextlib
@@ -29,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DATASETS = {'mnist': torchvision.datasets.MNIST, 'fashion': torchvision.datasets.FashionMNIST}
 MEAN_STD = {'mnist': (0.1307, 0.3081), 'fashion': (0.2860, 0.3530)}  # the usual per-dataset pixel statistics
@@ -68,18 +65,16 @@ def get_args(argv=None):
     a('--threads', type=int, default=0, help='CPU threads; 0: torch default (one per core). 1 is faster on a busy CPU')
     a('--log-every', type=float, default=30.0, help='seconds between progress lines within an epoch')
     args = p.parse_args(argv)
-    bad = [n for n in ('epochs', 'batch_size', 'dim', 'depth', 'heads', 'patch_size', 'lr', 'mlp_ratio') if
-           getattr(args, n) <= 0] + [n for n, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        p.error(f"--{bad[0].replace('_', '-')} {getattr(args, bad[0])} is out of range: a size, --epochs, --lr "
-                "must be > 0, every number finite")
+    for names, rule, ok in (('epochs batch_size dim depth heads patch_size lr mlp_ratio', '> 0', lambda v: v > 0),
+                            ('weight_decay warmup translate threads', '>= 0', lambda v: v >= 0),
+                            ('label_smoothing drop_path', 'in [0, 1)', lambda v: 0 <= v < 1), ('log_every', '', bool)):
+        for n in names.split():
+            if not (math.isfinite(getattr(args, n)) and ok(getattr(args, n))):
+                p.error(f"--{n.replace('_', '-')} {getattr(args, n)} is out of range: it must be finite {rule}")
     if IMG % args.patch_size:
         p.error(f'--patch-size {args.patch_size} must divide the image side {IMG} (1, 2, 4, 7, 14 or 28)')
     if args.dim % args.heads:
         p.error(f'--dim {args.dim} must be divisible by --heads {args.heads}')
-    if min(args.weight_decay, args.warmup, args.translate, args.threads, args.label_smoothing, args.drop_path) < 0 \
-            or max(args.label_smoothing, args.drop_path) >= 1:
-        p.error('--weight-decay, --warmup, --translate, --threads must be >= 0; --label-smoothing, --drop-path: [0, 1)')
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda but CUDA is not available (use --device cpu)')
     args.device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -92,6 +87,8 @@ def get_args(argv=None):
 def load_data(args):
     """Both splits as uint8 (N, 28, 28) images and int64 labels, read (or downloaded) by torchvision."""
     cls, out = DATASETS[args.dataset], []
+    raw = os.path.join(args.data_dir, cls.__name__, 'raw')
+    idx = [f'{s}-{k}' for s in ('train', 't10k') for k in ('images-idx3-ubyte', 'labels-idx1-ubyte')]
     for train in (True, False):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # silence torchvision's per-mirror chatter
@@ -101,8 +98,6 @@ def load_data(args):
                 raise ValueError(f'images {tuple(x.shape)}, labels {tuple(y.shape)} in {y.min()}..{y.max()}')
         except Exception as e:  # offline (URLError / RuntimeError), unwritable folder, unreadable files
             why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(':')[:100]
-            raw = os.path.join(args.data_dir, cls.__name__, 'raw')
-            idx = [f'{s}-{k}' for s in ('train', 't10k') for k in ('images-idx3-ubyte', 'labels-idx1-ubyte')]
             if all(os.path.isfile(os.path.join(raw, f)) for f in idx):
                 sys.exit(f'error: the idx files in {raw}/ are truncated or corrupt ({why})')
             sys.exit(f'error: no {cls.__name__} in {raw}/ and the download failed ({why}); put the idx files '
@@ -229,37 +224,22 @@ def get_lr(step, total_steps, warmup_steps, peak):
 
 
 def fmt_time(s):
-    s = int(s)
-    return f'{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
+    return f'{int(s) // 60}m{int(s) % 60:02d}s'  # 83m20s, not 1h23m20s: one column to grep
 
 
 @torch.no_grad()
 def evaluate(model, x, y, mean, std, amp, flip=False):
     """(loss, accuracy %) on x, y; flip: of the mean logits of each image and its mirror image."""
     model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), 1000):
-        xb = to_input(x[i:i + 1000], mean, std)
-        with amp:
-            logits = model(xb).float()
-            logits = (logits + model(xb.flip(3)).float()) / 2 if flip else logits
-        loss += F.cross_entropy(logits, y[i:i + 1000], reduction='sum').item()
-        correct += (logits.argmax(1) == y[i:i + 1000]).sum().item()
+    with amp:
+        logits = torch.cat([(model(xb).float() + model(xb.flip(3)).float()) / 2 if flip else model(xb).float()
+                            for xb in (to_input(x[i:i + 1000], mean, std) for i in range(0, len(x), 1000))])
     model.train()
-    return loss / len(x), 100.0 * correct / len(x)
+    return F.cross_entropy(logits, y).item(), 100.0 * (logits.argmax(1) == y).sum().item() / len(x)
 
 
 def main(argv=None):
-    args = get_args(argv)
-    # at 16 tokens torch's plain (math) attention ran ~10% faster per training step than its flash kernel on a
-    # 2-core CPU; on CUDA the fused kernels but cuDNN's, whose bf16 backward has emitted NaN on H100s (pocket-tts#264)
-    with sdpa_kernel(SDPBackend.MATH if args.device == 'cpu' else [SDPBackend.FLASH_ATTENTION,
-                                                                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        train(args)
-
-
-def train(args):
-    t0 = time.time()
+    args, t0 = get_args(argv), time.time()
     log_path, model_path = os.path.join(args.out_dir, 'log.csv'), os.path.join(args.out_dir, 'model.pt')
     if not args.overwrite and any(os.path.exists(p) for p in (log_path, model_path)):
         sys.exit(f'error: {args.out_dir} already holds log.csv / model.pt; pass --overwrite or another --out-dir')
@@ -268,6 +248,10 @@ def train(args):
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' else contextlib.nullcontext()  # CPU: fp32
+    # at 16 tokens torch's plain (math) attention ran ~10% faster per training step than its flash kernel on a 2-core
+    # CPU; on CUDA flash attention, as cuDNN's bf16 attention backward has emitted NaN on H100s (pocket-tts#264)
+    torch.backends.cuda.enable_flash_sdp(dev.type == 'cuda')
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
     # the whole dataset lives on the device as uint8 (47 MB for MNIST): batches are plain index lookups
     x_train, y_train, x_test, y_test = [t.to(dev) for t in load_data(args)]
@@ -315,11 +299,10 @@ def train(args):
                 g['lr'] = lr
             with amp:
                 loss = F.cross_entropy(model(x).float(), y_train[idx], label_smoothing=args.label_smoothing)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
             loss.backward()
-            for o in opts:
+            for o in opts:  # and clear the gradients for the next step
                 o.step()
+                o.zero_grad(set_to_none=True)
             loss_sum += loss.detach()  # stays on the device: no sync per step
             step += 1
             if time.time() - t_log > args.log_every and i + 1 < steps_per_epoch:

@@ -629,9 +629,13 @@ def test_cifar_clear_errors(tmp_path):
                         (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size"),
                         (["--aug-chunk", "-1"], "--aug-chunk"), (["--heads", "0"], "--heads"),
                         (["--clip-grad", "-1"], "--clip-grad"), (["--warmup", "inf"], "--warmup"),
-                        (["--pretrained", "vit_b_16", "--predict", "a.png"], "--resume CKPT")):
+                        (["--pretrained", "vit_b_16", "--predict", "a.png"], "--resume CKPT"),
+                        (["--compile", "fast"], "--compile")):
         code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
         assert code == 2 and word in line, (flags, line)
+    # --compile alone keeps its meaning (torch.compile's default mode); a mode may follow it
+    assert [vit_cifar.get_args(f).compile for f in ([], ["--compile"], ["--compile", "reduce-overhead"])] == \
+        [None, "default", "reduce-overhead"]
     check_error(run_cifar(*base, "--heads", 3, ok=False), "heads")  # dim 32 is not divisible by 3 heads
     check_error(run_cifar(*base, "--batch-size", 500, ok=False), "--batch-size 500")
     # missing data: torchvision tries to download, which fails offline (or, here, is made to fail)

@@ -92,7 +92,9 @@ def get_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--seed", type=int, default=0, help="seeds the model init, data order and augmentation")
-    a("--compile", action="store_true", help="torch.compile the training model")
+    a("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+      help="torch.compile the training model (--compile: mode default); reduce-overhead: CUDA graphs, for a run "
+      "bound by its CPU side (on the H100 the default model was; this mode there: not yet measured)")
     a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint: its args, but for those given "
       "again (its dataset, model and batch size stay)")
     a("--eval-only", action="store_true", help="evaluate --resume CKPT (default <out-dir>/ckpt.pt) and exit")
@@ -348,7 +350,7 @@ def main():
             C.die(f"cannot resume from {args.ckpt}: " + (f"it has no {e} (a checkpoint of another script?)" if
                   isinstance(e, KeyError) else str(e).splitlines()[0][:200]))
     C.check_out_dir(args.out_dir, args.ckpt if ck else None)  # another run's ckpt.pt or log.csv stays
-    model = torch.compile(raw) if args.compile else raw  # checkpoints and EMA use the unwrapped raw module
+    model = torch.compile(raw, mode=args.compile) if args.compile else raw  # ckpt.pt and EMA: the raw module
     mix = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mix) if mix else None
     log = C.Logger(args.out_dir, COLUMNS, append=bool(ck))
