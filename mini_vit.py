@@ -6,8 +6,8 @@ torchvision and the standard library: copy it anywhere.
     python mini_vit.py --dataset fashion --data-dir DIR  # reads DIR/FashionMNIST/raw/*-ubyte
     -> Fashion-MNIST on an idle 2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32): 91.33% test accuracy (91.64% with
     test-time flip) in 8m43.7s; --seed 1: 90.94% (91.22%) in 7m57.0s; --seed 2: 91.31% (91.45%) in 9m23.7s.
-    MNIST, the same VM: 99.38% in 9m08.6s. Laptops: --epochs 4 (Fashion 88.17% in 2m13.8s there); a busy CPU:
-    --threads 1 (two threads on two busy cores ran up to 10x slower than one). More in README.md.
+    MNIST, the same VM: 99.38% in 9m08.6s; --seed 1: 99.30% in 8m56.7s. Laptops: --epochs 4 (Fashion 88.17% in
+    2m13.8s there). A busy CPU: --threads 1 (two threads on two busy cores ran up to 10x slower). More in README.md.
 
 Defaults: patch 7, dim 64, depth 6, heads 2, mean pooling (0.21M params); Muon for the blocks' weight matrices, AdamW
 for the rest (the model is short of steps here, and Muon makes more of each); shifts of up to 1 px, as longer runs
