@@ -280,10 +280,10 @@ def read_pretrained(source):
     return sd, info
 
 
-def load_pretrained(source, num_classes, img_size=None, **overrides):
+def load_pretrained(source, num_classes, img_size=None, classes=None, **overrides):
     """(model, info): a ViT shaped by the weights of `source` (see read_pretrained), its position grid resized to
     img_size (default: the weights' own), its head replaced (zeros) unless it already has num_classes outputs
-    (None: the weights' head, whatever its size).
+    (None: the weights' head, whatever its size) and, for a checkpoint of this project, the same class names.
     Strict apart from the head: anything else that differs is a CheckpointError naming it."""
     sd, info = read_pretrained(source)
     w = sd["patch_embed.proj.weight"]  # (dim, in_chans, patch, patch)
@@ -307,7 +307,8 @@ def load_pretrained(source, num_classes, img_size=None, **overrides):
     if grid and grid != model.patch_embed.grid:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.patch_embed.grid, prefix)
     own = model.state_dict()
-    info["head_kept"] = "head.weight" in sd and sd["head.weight"].shape == own["head.weight"].shape
+    info["head_kept"] = "head.weight" in sd and sd["head.weight"].shape == own["head.weight"].shape and not (
+        info["style"] == "this project" and classes and info["classes"] and list(info["classes"]) != list(classes))
     if not info["head_kept"]:
         sd = {**{k: v for k, v in sd.items() if not k.startswith("head.")},
               **{k: v for k, v in own.items() if k.startswith("head.")}}

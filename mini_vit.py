@@ -67,7 +67,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     for names, rule, ok in (('epochs batch_size dim depth heads patch_size lr mlp_ratio', '> 0', lambda v: v > 0),
                             ('weight_decay warmup translate threads', '>= 0', lambda v: v >= 0),
-                            ('label_smoothing drop_path', 'in [0, 1)', lambda v: 0 <= v < 1), ('log_every', '', bool)):
+                            ('label_smoothing drop_path', 'in [0, 1)', lambda v: 0 <= v < 1), ('log_every', '', bool),
+                            ('seed', 'in [0, 2**32)', lambda v: 0 <= v < 2 ** 32)):
         for n in names.split():
             if not (math.isfinite(getattr(args, n)) and ok(getattr(args, n))):
                 p.error(f"--{n.replace('_', '-')} {getattr(args, n)} is out of range: it must be finite {rule}")

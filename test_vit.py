@@ -476,7 +476,8 @@ def test_mini_bad_flags(tmp_path):
     import mini_vit
     bad = [(['--batch-size', '0'], 'batch-size'), (['--epochs', '-1'], 'epochs'), (['--dim', '30', '--heads', '4'],
            'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing'),
-           (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads')]
+           (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads'),
+           (['--seed', '-1'], 'seed')]
     if not torch.cuda.is_available():
         bad.append((['--device', 'cuda'], 'CUDA'))
     for flags, word in bad:
@@ -630,7 +631,8 @@ def test_cifar_clear_errors(tmp_path):
                         (["--aug-chunk", "-1"], "--aug-chunk"), (["--heads", "0"], "--heads"),
                         (["--clip-grad", "-1"], "--clip-grad"), (["--warmup", "inf"], "--warmup"),
                         (["--pretrained", "vit_b_16", "--predict", "a.png"], "--resume CKPT"),
-                        (["--compile", "fast"], "--compile")):
+                        (["--compile", "fast"], "--compile"), (["--seed", "-1"], "--seed"),
+                        (["--seed", str(2 ** 32)], "--seed")):
         code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
         assert code == 2 and word in line, (flags, line)
     # --compile alone keeps its meaning (torch.compile's default mode); a mode may follow it
@@ -653,6 +655,10 @@ def test_cifar_clear_errors(tmp_path):
     with open(os.path.join(data, "cifar-10-batches-py", "data_batch_3"), "wb") as f:
         pickle.dump({"data": torch.zeros(16, 1024, dtype=torch.uint8).numpy(), "labels": [0] * 16}, f)
     check_error(run_cifar(*base, ok=False), "data_batch_3")
+    # floats in [0, 1] (a hand-made batch): uint8 is required, as a cast would make them zeros
+    with open(os.path.join(data, "cifar-10-batches-py", "data_batch_3"), "wb") as f:
+        pickle.dump({"data": torch.rand(16, 3072).numpy(), "labels": [0] * 16}, f)
+    check_error(run_cifar(*base, ok=False), "data_batch_3", "float32, not uint8")
     # corrupt and mismatched checkpoints
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -709,6 +715,14 @@ def test_pretrained_files_torchvision_timm_same_logits(tmp_path):
     assert info["style"] == "timm" and info["head_kept"]
     with torch.no_grad():
         assert rel_err(m.eval()(x), src(x)) < 1e-5
+    # a checkpoint of these scripts keeps its head only for the same class names, not merely as many
+    mine = randomize(ViT(img_size=32, patch_size=8, num_classes=3, dim=64, depth=1, heads=2))
+    torch.save({"model": mine.state_dict(), "args": {"arch": dict(img_size=32, patch_size=8, dim=64, depth=1,
+                                                                  heads=2)}, "classes": ["a", "b", "c"]},
+               tmp_path / "ckpt.pt")
+    for names, kept in ((["a", "b", "c"], True), (["x", "y", "z"], False), (None, True)):
+        m, info = common.load_pretrained(str(tmp_path / "ckpt.pt"), 3, classes=names)
+        assert info["style"] == "this project" and info["head_kept"] == kept and m.head.weight.any() == kept, names
 
 
 def test_pretrained_clear_errors(tmp_path):

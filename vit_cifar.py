@@ -127,7 +127,8 @@ def get_args(argv=None):
     C.check_ranges(p, args, {
         "> 0": "epochs batch_size eval_every log_every lr patch dim depth heads mlp_ratio layer_decay",
         ">= 0": "weight_decay warmup clip_grad label_smoothing mixup cutmix erase ema aug_chunk img_size drop_path "
-                "threads interrupt_at", "< 1": "label_smoothing ema drop_path", "<= 1": "erase layer_decay"})
+                "threads interrupt_at seed", "< 1": "label_smoothing ema drop_path", "<= 1": "erase layer_decay",
+        "< 4294967296": "seed"})  # 2**32
     if args.patch is not None and (args.img_size or 32) % args.patch:
         p.error(f"--patch {args.patch} does not divide the {args.img_size or 32} px image")
     return args
@@ -162,6 +163,9 @@ def load_cifar(name, root):
             if f == meta:
                 classes = list(b[names_key])
                 continue
+            kind = str(getattr(b["data"], "dtype", type(b["data"]).__name__))
+            if kind != "uint8":  # as_tensor would cast floats in [0, 1] to zeros, silently
+                raise ValueError(f"its data is {kind}, not uint8")
             x, y = torch.as_tensor(b["data"], dtype=torch.uint8), torch.as_tensor(b[key], dtype=torch.long)
             if x.ndim != 2 or x.shape[1] != 3072 or y.shape != x.shape[:1] or y.min() < 0 or y.max() >= len(classes):
                 raise ValueError(f"images {tuple(x.shape)}, labels {tuple(y.shape)} in {y.min()}..{y.max()}")
@@ -267,7 +271,8 @@ def main():
     C.seed_everything(args.seed)
     if args.pretrained and not ck:  # the shape, the input size and statistics come from the weights
         try:
-            raw, info = C.load_pretrained(args.pretrained, len(classes), args.img_size, drop_path=args.drop_path)
+            raw, info = C.load_pretrained(args.pretrained, len(classes), args.img_size, classes,
+                                          drop_path=args.drop_path)
         except C.CheckpointError as e:
             C.die(str(e))
         args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]

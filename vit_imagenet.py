@@ -141,9 +141,10 @@ def get_args(argv=None):
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
     common.check_ranges(p, args, {
         "> 0": "epochs batch_size accum_steps patch lr layer_decay crop_scale crop_pct",
-        ">= 0": "img_size depth warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix "
+        ">= 0": "img_size depth warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix seed "
                 "label_smoothing drop_path ema threads log_every",
-        "< 1": "label_smoothing drop_path ema", "<= 1": "layer_decay crop_scale crop_pct", "<= 30": "randaug_mag"})
+        "< 1": "label_smoothing drop_path ema", "<= 1": "layer_decay crop_scale crop_pct", "<= 30": "randaug_mag",
+        "< 4294967296": "seed"})  # seeds in [0, 2**32)
     if not (args.data_dir or args.predict or args.synthetic):  # --predict: classes from the ckpt or the weights
         p.error("--data-dir is required")
     return args, ckpt
@@ -328,7 +329,7 @@ def main():
     try:
         if args.pretrained and not ckpt:  # the shape and input statistics from the weights
             model, info = common.load_pretrained(args.pretrained, len(classes) if classes else None,
-                                                 args.img_size or None, drop_path=args.drop_path)
+                                                 args.img_size or None, classes, drop_path=args.drop_path)
             args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]
             classes = classes or info["classes"] or [str(i) for i in range(model.num_classes)]
             if rank == 0:
