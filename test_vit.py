@@ -494,8 +494,8 @@ def test_mini_bad_flags(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ vit_cifar.py
 
-CIFAR_TINY = ["--device", "cpu", "--model", "cifar_cpu", "--dim", "32", "--depth", "2", "--heads", "2",
-              "--batch-size", "32", "--lr", "5e-3", "--warmup", "0.2", "--log-every", "2", "--threads", "1"]
+CIFAR_TINY = ["--device", "cpu", "--recipe", "full", "--model", "cifar_cpu", "--dim", "32", "--depth", "2", "--heads",
+              "2", "--batch-size", "32", "--lr", "5e-3", "--warmup", "0.2", "--log-every", "2", "--threads", "1"]
 
 # crop and flip only: learns in 20 steps
 CIFAR_LIGHT = ["--policy", "none", "--mixup", "0", "--cutmix", "0", "--erase", "0"]
@@ -638,6 +638,12 @@ def test_cifar_clear_errors(tmp_path):
     # --compile alone keeps its meaning (torch.compile's default mode); a mode may follow it
     assert [vit_cifar.get_args(f).compile for f in ([], ["--compile"], ["--compile", "reduce-overhead"])] == \
         [None, "default", "reduce-overhead"]
+    # on a CPU the CPU recipe fills the flags not given; --recipe full keeps the defaults of --help
+    a = vit_cifar.get_args(["--device", "cpu", "--epochs", "3", "--heads", "4"])
+    assert (a.recipe, a.model, a.dim, a.depth, a.heads, a.epochs, a.optimizer, a.ema) == \
+        ("cpu", "cifar_cpu", 96, 4, 4, 3, "muon", 0.0)
+    a = vit_cifar.get_args(["--device", "cpu", "--recipe", "full"])
+    assert (a.recipe, a.model, a.dim, a.epochs, a.optimizer, a.ema) == ("full", "cifar_s", None, 100, "adamw", 0.999)
     check_error(run_cifar(*base, "--heads", 3, ok=False), "heads")  # dim 32 is not divisible by 3 heads
     check_error(run_cifar(*base, "--batch-size", 500, ok=False), "--batch-size 500")
     # missing data: torchvision tries to download, which fails offline (or, here, is made to fail)
