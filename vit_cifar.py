@@ -19,7 +19,8 @@ CPU recipe (CPU below; the default where there is no GPU), CIFAR-10, fp32, an id
 2.14.1, run with its flags spelled out (the same weights as `--device cpu` alone, checked):
     python vit_cifar.py --device cpu --data-dir DATA
     -> 79.28% test accuracy (79.61% with test-time flip) in 23m44.8s, 370-475 img/s, 0.31M params; --seed 1: 79.13%
-    (79.41%) in 26m46.9s; --epochs 4: 73.02% in 10m24.4s. On a CPU that others use, set OMP_WAIT_POLICY=PASSIVE.
+    (79.41%) in 26m46.9s; --epochs 4: 73.02% in 10m24.4s. `python vit_cifar.py --data-dir DATA` alone (session 10,
+    no GPU): the same 79.28% in 25m09.2s. On a CPU that others use, set OMP_WAIT_POLICY=PASSIVE.
 """
 import argparse
 import contextlib
