@@ -642,6 +642,8 @@ def test_cifar_clear_errors(tmp_path):
     a = vit_cifar.get_args(["--device", "cpu", "--epochs", "3", "--heads", "4"])
     assert (a.recipe, a.model, a.dim, a.depth, a.heads, a.epochs, a.optimizer, a.ema) == \
         ("cpu", "cifar_cpu", 96, 4, 4, 3, "muon", 0.0)
+    a = vit_cifar.get_args(["--device", "cpu", "--model", "cifar_ti"])  # a preset given keeps its own sizes
+    assert (a.model, a.dim, a.heads, a.depth, a.epochs) == ("cifar_ti", None, None, None, 11)
     a = vit_cifar.get_args(["--device", "cpu", "--recipe", "full"])
     assert (a.recipe, a.model, a.dim, a.epochs, a.optimizer, a.ema) == ("full", "cifar_s", None, 100, "adamw", 0.999)
     check_error(run_cifar(*base, "--heads", 3, ok=False), "heads")  # dim 32 is not divisible by 3 heads

@@ -91,7 +91,8 @@ def get_args(argv=None):
       "vit_b_16:IMAGENET1K_SWAG_E2E_V1), or a torchvision / timm state_dict or ckpt.pt file; sets the fine-tuning "
       f"recipe {FINETUNE} for the flags not given; the model's shape comes from the weights")
     a("--recipe", default="auto", choices=["auto", "full", "cpu"], help="full: the defaults shown here (for a GPU); "
-      f"cpu: {CPU} for the flags not given (2 CPU cores: ~79%% in ~25 min); auto: cpu when the device is a CPU")
+      f"cpu: {CPU} for the flags not given, but a --model given keeps its sizes (2 CPU cores: ~79%% in ~25 min); "
+      "auto: cpu when the device is a CPU")
     a("--freeze", action="store_true", help="train only the new head (a linear probe; recipe lr 1e-3)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay per block from the head down (1: off)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
@@ -130,8 +131,9 @@ def get_args(argv=None):
     elif args.pretrained:
         C.apply_recipe(args, FINETUNE, given)
     elif args.recipe == "cpu" or args.recipe == "auto" and (args.device == "cpu" or not torch.cuda.is_available()):
-        args.recipe = "cpu"  # a 100-epoch run of cifar_s would take days on a CPU
-        C.apply_recipe(args, CPU, given)
+        args.recipe = "cpu"  # a 100-epoch run of cifar_s would take days on a CPU; a --model given keeps its sizes
+        sizes = ("dim", "heads", "depth") if "model" in given else ()
+        C.apply_recipe(args, {k: v for k, v in CPU.items() if k not in sizes}, given)
         print("note: the CPU recipe for the flags not given (--recipe full: the defaults of --help)", flush=True)
     args.out_dir, args.data_dir = args.out_dir or os.path.join("runs", args.dataset), os.path.abspath(args.data_dir)
     C.check_ranges(p, args, {
