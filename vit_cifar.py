@@ -99,7 +99,7 @@ def get_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--seed", type=int, default=0, help="seeds the model init, data order and augmentation")
-    a("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+    a("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
       help="torch.compile the training model (--compile: mode default); reduce-overhead: CUDA graphs, for a run "
       "bound by its CPU side (on the H100 the default model was; this mode there: not yet measured)")
     a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint: its args, but for those given "
