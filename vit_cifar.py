@@ -9,18 +9,13 @@ crop, flip, a per-sample TrivialAugment-style policy, random erasing (and MixUp/
     python vit_cifar.py --pretrained vit_b_16                 # fine-tune torchvision's ImageNet ViT-B/16 at 224 px
     python vit_cifar.py --pretrained vit_b_16 --freeze       # a linear probe: only the new head learns
 
-GPU, CIFAR-10, one H100 (torch 2.11.0+cu130, bf16), the defaults (cifar_s: patch 4, dim 384, depth 7, 12.4M params;
-100 epochs of batch 128, AdamW lr 4e-4, TrivialAugment-style policy, erasing, EMA):
-    python vit_cifar.py --compile --data-dir DATA
-    -> 86.76% (87.18% for the EMA with test-time flip) in 923.2 s, sharing the GPU with two other runs: the targets
-    (92% at 100 epochs, 94% in 15 min) are missed. Run before cuDNN's attention was turned off; not re-run since.
-    CIFAR-100 and Muon on a GPU: not yet measured. README.md has the other GPU runs.
-CPU recipe (CPU below; the default where there is no GPU), CIFAR-10, fp32, an idle 2-core AMD EPYC Zen3 VM, torch
-2.14.1, run with its flags spelled out (the same weights as `--device cpu` alone, checked):
-    python vit_cifar.py --device cpu --data-dir DATA
-    -> 79.28% test accuracy (79.61% with test-time flip) in 23m44.8s, 370-475 img/s, 0.31M params; --seed 1: 79.13%
-    (79.41%) in 26m46.9s; --epochs 4: 73.02% in 10m24.4s. `python vit_cifar.py --data-dir DATA` alone (session 10,
-    no GPU): the same 79.28% in 25m09.2s. On a CPU that others use, set OMP_WAIT_POLICY=PASSIVE.
+Measured, CIFAR-10 (README.md has every run). One H100, torch 2.11.0+cu130, bf16, the defaults (cifar_s: patch 4,
+dim 384, depth 7, 12.4M params; 100 epochs of batch 128, AdamW lr 4e-4, TrivialAugment-style policy, erasing, EMA):
+    python vit_cifar.py --compile --data-dir DATA   # 86.76% (EMA with flip 87.18%) in 923.2 s, sharing the GPU with
+    two other runs, before cuDNN's attention was turned off: short of the 92% / 94% targets. CIFAR-100: not measured.
+An idle 2-core AMD EPYC Zen3 VM, torch 2.14.1, fp32, the CPU recipe (CPU below: what runs where there is no GPU):
+    python vit_cifar.py --data-dir DATA             # 79.28% (79.61% with test-time flip) in 25m09.2s, 0.31M params;
+    --seed 1: 79.13% in 26m46.9s; --epochs 4: 73.02% in 10m24.4s. A CPU that others use: OMP_WAIT_POLICY=PASSIVE.
 """
 import argparse
 import contextlib

@@ -9,32 +9,24 @@ many nodes with PyTorch's data parallelism (torchrun + DistributedDataParallel).
     python vit_imagenet.py --data-dir /data/flowers --pretrained vit_b_16  # fine-tune torchvision's ViT-B/16
     python vit_imagenet.py --data-dir /data/imagenet --pretrained vit_b_16 --eval-only  # its ImageNet accuracy
     python vit_imagenet.py --pretrained vit_b_16 --predict cat.jpg         # its ImageNet top-5
-Several machines: the same command on every node (--data-dir, --resume readable on each; rank 0 writes), e.g.
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id job1 \\
-        vit_imagenet.py --data-dir /data/imagenet
-or with a static rendezvous: --nnodes 2 --node_rank R --master_addr HOST --master_port 29500. NCCL on GPUs, gloo on
-CPUs. --batch-size is global: each process takes batch / (processes x --accum-steps) images per micro-step, so the
-LR, the batch and the very samples of each step do not depend on the number of processes.
+Several machines: the same command on every node, e.g. `torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d
+--rdzv_endpoint HOST:29500 --rdzv_id job1 vit_imagenet.py ...` (README.md). NCCL on GPUs, gloo on CPUs. --batch-size
+is global: the LR, the batch and the very samples of each step do not depend on the number of processes.
 
-Data: <data-dir>/train/<class>/**/*.{jpg,jpeg,png,webp,gif} and val/ (or test/, --val-dir) with the same class
-folders (ImageNet, ImageFolder), or TinyImageNet-200 as downloaded (val/images/ + val/val_annotations.txt). Decoded
-to uint8 by torchvision.io in --workers processes; the per-sample augmentation is seeded by (seed, epoch, index), so
-workers, processes and --resume leave it unchanged; MixUp/CutMix and normalisation run on the device. A few
-unreadable images are skipped and counted; many stop the run.
+Data: <data-dir>/train/<class>/**/*.{jpg,jpeg,png,webp,gif} and val/ (or test/, --val-dir) with the same classes
+(ImageNet, ImageFolder), or TinyImageNet-200 as downloaded (val/images/ + val/val_annotations.txt). Decoded by
+torchvision.io in --workers processes, augmented per sample with a seed of (seed, epoch, index): workers, processes and
+--resume leave it unchanged. A few unreadable images are skipped and counted; many stop the run.
 
-Defaults: "Better plain ViT baselines for ImageNet-1k" (Beyer, Zhai, Kolesnikov 2022; 76.5% top-1): ViT-S/16, mean
-pooling, sin-cos position embedding, 90 epochs, batch 1024, AdamW lr 1e-3, 10k warmup steps then cosine,
-RandAugment(2, 10), MixUp 0.2, inception crop (5-100% area), gradient clip 1.0; bf16 on GPU. --weight-decay is torch
-AdamW's (multiplied by the lr): 0.1 at lr 1e-3 is the paper's decoupled weight decay 1e-4.
+Defaults: "Better plain ViT baselines for ImageNet-1k" (Beyer et al. 2022, 76.5% top-1): ViT-S/16, mean pooling,
+sin-cos positions, 90 epochs, batch 1024, AdamW lr 1e-3, weight decay 0.1 x lr (the paper's decoupled 1e-4), 10k
+warmup steps then cosine, RandAugment(2, 10), MixUp 0.2, inception crop (5-100%), gradient clip 1.0; bf16 on GPU.
 
-Measured on a 2-core AMD EPYC Zen3 CPU shared with other jobs (load 3-5), torch 2.14.1, fp32: CIFAR-10 as an
-ImageFolder tree (50k train / 10k test JPEGs) at 32 px, patch 4, cifar_cpu (0.8M parameters), one epoch with
-RandAugment(2, 10) and MixUp 0.2:
+Measured (2-core AMD EPYC Zen3 CPU shared with other jobs, torch 2.14.1, fp32; CIFAR-10 as an ImageFolder at 32 px):
     python vit_imagenet.py --data-dir cifar10-jpeg --model cifar_cpu --img-size 32 --epochs 1 --batch-size 128 \\
         --warmup 50 --crop-scale 0.35 --crop-pct 1 --workers 1 --threads 1   # 35.9% top-1, 92 img/s, data 1%, 9m40s
     torchrun --standalone --nproc_per_node 2 vit_imagenet.py <the same>      # 35.3% top-1, 119 img/s, data 1%, 7m43s
-One loader worker (one core) makes 611 img/s of these images; 2 torch threads on the shared cores ran 4x slower than 1.
-GPU (ViT-S/16 img/s synthetic and real, share of the bf16 peak, 90-epoch projection, TinyImageNet): not yet measured.
+GPU (ViT-S/16 img/s, share of the bf16 peak, 90-epoch projection, TinyImageNet): not yet measured.
 """
 import argparse
 import itertools
