@@ -12,7 +12,8 @@ torchvision and the standard library: copy it anywhere.
 Defaults: patch 7, dim 64, depth 6, heads 2, mean pooling (0.21M params); Muon for the blocks' weight matrices, AdamW
 for the rest (the model is short of steps here, and Muon makes more of each); shifts of up to 1 px, as longer runs
 overfit without them. Writes <out-dir>/log.csv and model.pt = {'model': state_dict, 'args': vars(args)} with timm's
-names and maths: it loads into common.ViT or timm (strict) with the same logits. Inputs: (x / 255 - mean) / std.
+names and maths: it loads into common.ViT or timm (strict; timm with fc_norm=False for mean pooling) with the same
+logits. Inputs: (x / 255 - mean) / std.
 """
 import argparse
 import contextlib
@@ -48,7 +49,8 @@ def get_args(argv=None):
       help="muon: Muon for the blocks' weight matrices, AdamW for the rest; adamw: AdamW for all")
     a('--weight-decay', type=float, default=0.05, help='weight decay on matrices (not biases/norms/pos_embed)')
     a('--warmup', type=float, default=0.5, help='linear warmup length in epochs, then cosine decay to 0')
-    a('--label-smoothing', type=float, default=0.1, help='cross-entropy label smoothing')
+    a('--label-smoothing', type=float, default=0.1, help='cross-entropy label smoothing (in the logged train loss, '
+      'not in the test loss)')
     a('--patch-size', type=int, default=7, help='patch side in pixels; must divide 28 (7: 16 tokens)')
     a('--dim', type=int, default=64, help='embedding width')
     a('--depth', type=int, default=6, help='transformer blocks')
@@ -56,18 +58,21 @@ def get_args(argv=None):
     a('--mlp-ratio', type=float, default=2.0, help='MLP hidden width / dim')
     a('--pool', default='mean', choices=['cls', 'mean'], help='classify from the class token or the mean token')
     a('--drop-path', type=float, default=0.0, help='stochastic depth rate (same for every block)')
-    a('--translate', type=int, default=1, help='random shift by up to N pixels (zero padding)')
+    a('--translate', type=int, default=1, help='random shift by up to N pixels (zero padding), N < 28')
     a('--hflip', default='auto', choices=['auto', 'on', 'off'], help='random horizontal flip; auto: fashion only')
     a('--tta', default='auto', choices=['auto', 'on', 'off'], help='at the end, also the accuracy of the mean logits '
       'of each test image and its mirror image (per epoch: plain, at half the cost); auto: when training flips')
     a('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto: cuda when available')
     a('--seed', type=int, default=0, help='random seed')
     a('--threads', type=int, default=0, help='CPU threads; 0: torch default (one per core). 1 is faster on a busy CPU')
-    a('--log-every', type=float, default=30.0, help='seconds between progress lines within an epoch')
+    a('--log-every', type=float, default=30.0, help='seconds between progress lines within an epoch (0: every step)')
     args = p.parse_args(argv)
     for names, rule, ok in (('epochs batch_size dim depth heads patch_size lr mlp_ratio', '> 0', lambda v: v > 0),
-                            ('weight_decay warmup translate threads', '>= 0', lambda v: v >= 0),
-                            ('label_smoothing drop_path', 'in [0, 1)', lambda v: 0 <= v < 1), ('log_every', '', bool),
+                            ('weight_decay log_every', '>= 0', lambda v: v >= 0),
+                            ('label_smoothing drop_path', 'in [0, 1)', lambda v: 0 <= v < 1),
+                            ('warmup', 'in [0, --epochs]', lambda v: 0 <= v <= args.epochs),
+                            ('translate', 'in [0, 28)', lambda v: 0 <= v < IMG),
+                            ('threads', f'in [0, {os.cpu_count()}] (the cores)', lambda v: 0 <= v <= os.cpu_count()),
                             ('seed', 'in [0, 2**32)', lambda v: 0 <= v < 2 ** 32)):
         for n in names.split():
             if not (math.isfinite(getattr(args, n)) and ok(getattr(args, n))):
@@ -76,6 +81,8 @@ def get_args(argv=None):
         p.error(f'--patch-size {args.patch_size} must divide the image side {IMG} (1, 2, 4, 7, 14 or 28)')
     if args.dim % args.heads:
         p.error(f'--dim {args.dim} must be divisible by --heads {args.heads}')
+    if not 1 <= args.dim * args.mlp_ratio < 2 ** 20:
+        p.error(f'--mlp-ratio {args.mlp_ratio} x --dim {args.dim}: the MLP needs 1 to 2**20 hidden units')
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda but CUDA is not available (use --device cpu)')
     args.device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -90,6 +97,9 @@ def load_data(args):
     cls, out = DATASETS[args.dataset], []
     raw = os.path.join(args.data_dir, cls.__name__, 'raw')
     idx = [f'{s}-{k}' for s in ('train', 't10k') for k in ('images-idx3-ubyte', 'labels-idx1-ubyte')]
+    missing = [f for f in idx if not os.path.isfile(os.path.join(raw, f))]
+    if 0 < len(missing) < len(idx):  # torchvision would download all four, replacing the files that are there
+        sys.exit(f'error: {raw}/ lacks {", ".join(missing)}: put it there too (unpacked)')
     for train in (True, False):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # silence torchvision's per-mirror chatter
@@ -242,7 +252,8 @@ def evaluate(model, x, y, mean, std, amp, flip=False):
 def main(argv=None):
     args, t0 = get_args(argv), time.time()
     log_path, model_path = os.path.join(args.out_dir, 'log.csv'), os.path.join(args.out_dir, 'model.pt')
-    if not args.overwrite and any(os.path.exists(p) for p in (log_path, model_path)):
+    rows = sum(1 for line in open(log_path) if line.strip()) if os.path.isfile(log_path) else 0  # a header alone:
+    if not args.overwrite and (os.path.exists(model_path) or rows > 1):  # a run stopped in its 1st epoch, may go
         sys.exit(f'error: {args.out_dir} already holds log.csv / model.pt; pass --overwrite or another --out-dir')
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -279,6 +290,8 @@ def main(argv=None):
 
     try:
         os.makedirs(args.out_dir, exist_ok=True)
+        if os.path.isfile(model_path):  # --overwrite: no earlier run's weights beside this run's log
+            os.remove(model_path)
         with open(log_path, 'w') as f:
             f.write('epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s\n')
     except OSError as e:  # read-only, a file in the way, no space
@@ -320,11 +333,21 @@ def main(argv=None):
             f.write(f'{epoch},{train_loss:.4f},{test_loss:.4f},{test_acc:.2f},{lr:.3e},{img_s:.1f},'
                     f'{time.time() - t0:.1f}\n')
         tmp = model_path + '.tmp'  # write then rename: a crash never leaves a half-written model.pt
-        torch.save({'model': model.state_dict(), 'args': vars(args)}, tmp)
-        os.replace(tmp, model_path)
+        try:
+            torch.save({'model': model.state_dict(), 'args': vars(args)}, tmp)
+            os.replace(tmp, model_path)
+        except (OSError, RuntimeError) as e:  # no space, a folder in the way (torch.save raises RuntimeError)
+            sys.exit(f'error: cannot write {model_path}: {str(e).splitlines()[0][:100]}')
     flip = f', {evaluate(model, x_test, y_test, mean, std, amp, flip=True)[1]:.2f} with test-time flip' if tta else ''
     print(f'done: test_acc {test_acc:.2f}{flip} in {fmt_time(time.time() - t0)}; wrote {log_path} and {model_path}')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit('\nstopped: model.pt and log.csv hold the last finished epoch, if any')
+    except RuntimeError as e:  # out of memory: a model, batch or --translate too large for this machine
+        if 'alloc' not in str(e):
+            raise
+        sys.exit(f'error: out of memory ({str(e).splitlines()[0][:80]}): try a smaller --batch-size or model')

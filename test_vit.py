@@ -384,6 +384,17 @@ def test_mini_short_run(tmp_path):
         msg = str(e.code)
     assert msg is not None and msg.startswith('error:') and 'loss became nan' in msg, msg
     assert not os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
+    # the same command with a sane lr may run there again: a log.csv of only its header is from a run that stopped
+    tiny = ['--data-dir', str(tmp_path), '--epochs', '1', '--batch-size', '16', '--dim', '32', '--depth', '2',
+            '--heads', '2', '--warmup', '0', '--device', 'cpu', '--optimizer', 'adamw']
+    mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan')])
+    assert os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
+    # --overwrite, then a stop in epoch 1: no earlier run's model.pt is left beside the new log
+    try:
+        mini_vit.main(tiny + ['--out-dir', str(out), '--overwrite', '--lr', '1e30'])
+    except SystemExit as e:
+        assert 'loss became nan' in str(e.code), e.code
+    assert not os.path.exists(str(out / 'model.pt'))
 
 
 def test_muon_equals_torch_muon():
@@ -458,6 +469,13 @@ def test_mini_missing_dataset_offline(tmp_path):
     import mini_vit  # files there but corrupt: a label out of 0..9, a truncated image file; in-process, no download
     _write_tiny_mnist(str(tmp_path))
     raw = tmp_path / 'MNIST' / 'raw'
+    (raw / 't10k-labels-idx1-ubyte').unlink()  # one of four missing: a download would replace the other three
+    try:
+        mini_vit.load_data(mini_vit.get_args(['--data-dir', str(tmp_path)]))
+        raise AssertionError('a missing idx file accepted')
+    except SystemExit as e:
+        assert str(e.code).startswith('error:') and 'lacks t10k-labels-idx1-ubyte' in str(e.code), e.code
+    _write_tiny_mnist(str(tmp_path))
     for name, cut in (('t10k-labels-idx1-ubyte', lambda b: b[:-1] + bytes([12])), ('train-images-idx3-ubyte',
                                                                                   lambda b: b[:5000])):
         (raw / name).write_bytes(cut((raw / name).read_bytes()))
@@ -477,7 +495,9 @@ def test_mini_bad_flags(tmp_path):
     bad = [(['--batch-size', '0'], 'batch-size'), (['--epochs', '-1'], 'epochs'), (['--dim', '30', '--heads', '4'],
            'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing'),
            (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads'),
-           (['--seed', '-1'], 'seed')]
+           (['--seed', '-1'], 'seed'), (['--warmup', '1e308'], 'warmup'), (['--translate', '28'], 'translate'),
+           (['--mlp-ratio', '0.001'], 'mlp-ratio'), (['--log-every', '-1'], 'log-every'),
+           (['--threads', str(10 ** 5)], 'threads')]  # a huge --threads made torch segfault
     if not torch.cuda.is_available():
         bad.append((['--device', 'cuda'], 'CUDA'))
     for flags, word in bad:
