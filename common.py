@@ -284,7 +284,8 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
     """(model, info): a ViT shaped by the weights of `source` (see read_pretrained), its position grid resized to
     img_size (default: the weights' own), its head replaced (zeros) unless it already has num_classes outputs
     (None: the weights' head, whatever its size) and, for a checkpoint of this project, the same class names.
-    Strict apart from the head: anything else that differs is a CheckpointError naming it."""
+    Strict apart from the head: anything else that differs is a CheckpointError naming it. overrides: ViT keywords,
+    e.g. drop_path, or heads (a state_dict lacks them; the default is the published ViTs' for the width)."""
     sd, info = read_pretrained(source)
     w = sd["patch_embed.proj.weight"]  # (dim, in_chans, patch, patch)
     if w.shape[1] != 3:
@@ -297,6 +298,7 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
                 pool="cls" if prefix else "mean", pos_embed="learn" if grid else "sincos")
     arch.update({k: v for k, v in info.pop("arch").items() if k in arch and v is not None})
+    arch.update({k: overrides.pop(k) for k in list(overrides) if k in arch})  # heads=: not in a state_dict
     info.update(img_size=arch["img_size"], source=source)
     num_classes = len(sd.get("head.bias", ())) if num_classes is None else num_classes  # None: the weights' own
     arch["img_size"] = img_size or arch["img_size"]
@@ -467,16 +469,18 @@ def check_ranges(parser, args, ranges):
             finite = not isinstance(v, float) or math.isfinite(v)  # an int is exact, however large
             if v is not None and not (finite and ops[op](v, float(bound))):
                 parser.error(f"--{k.replace('_', '-')} must be {cond if finite else 'finite'}, got {v}")
+    if getattr(args, "threads", 0) > (os.cpu_count() or 1):  # torch.set_num_threads(100000) segfaults
+        parser.error(f"--threads {args.threads} is more than this machine's {os.cpu_count()} cores")
 
 
 def check_out_dir(out_dir, resume=None):
-    """One error line if out_dir holds another run's files: a ckpt.pt that is not the `resume` file, or, for a fresh
-    run, a log.csv with rows. A header alone is from a run that stopped before its first epoch ended (NaN, Ctrl-C,
-    out of memory): that one may go, so the same command can be run again."""
+    """One error line if out_dir holds another run's files: a ckpt.pt that is not the `resume` file, or a log.csv with
+    rows, unless it lies beside the `resume` file. A header alone is from a run that stopped before its first epoch
+    ended (NaN, Ctrl-C, out of memory): that one may go, so the same command can be run again."""
     ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.csv")
     if os.path.exists(ckpt) and not (resume and os.path.samefile(ckpt, resume)):
         die(f"{ckpt} exists: continue it with --resume {ckpt}, or pick another --out-dir")
-    if not resume and os.path.isfile(log):
+    if os.path.isfile(log) and not (resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out_dir)):
         with open(log) as f:
             if sum(1 for line in f if line.strip()) > 1:
                 die(f"{log} holds an earlier run's rows: move it away, or pick another --out-dir")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -617,14 +618,32 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     assert c["step"] == 20 and all(torch.equal(a["model"][n], c["model"][n]) for n in a["model"])
     with open(tmp_path / "c" / "log.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
-    # the optimizer states must fit the --optimizer asked for
-    check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--epochs", 3, "--optimizer", "adamw", ok=False),
-                "cannot resume", "2 optimizer states")
-    # what a checkpoint fixes (dataset, model, batch size); another run's ckpt.pt in --out-dir; other data
+    # a flag given again wins (--weight-decay too, which the optimizer's saved state held); --epochs may not end
+    # before the checkpoint's step; another run's log.csv in --out-dir stays; a checkpoint made on another device
+    run_cifar("--resume", tmp_path / "c" / "ckpt.pt", "--epochs", 3, "--weight-decay", 0.5)
+    groups = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["optimizer"][0]["param_groups"]
+    assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.5], groups
+    check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--epochs", 1, ok=False), "--epochs 1 ends before")
+    (tmp_path / "d").mkdir()
+    shutil.copy(tmp_path / "a" / "log.csv", tmp_path / "d" / "log.csv")
+    check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--out-dir", tmp_path / "d", "--epochs", 3,
+                          ok=False), "holds an earlier run's rows")
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    ck["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(ck, tmp_path / "d" / "gpu.pt")
+    check_error(run_cifar("--resume", tmp_path / "d" / "gpu.pt", "--out-dir", tmp_path / "e", "--epochs", 3,
+                          ok=False), "made on cuda")
+    # what a checkpoint fixes (dataset, model, batch size, seed, the optimizer's set-up), and shape flags beside
+    # --pretrained (the weights fix the shape); another run's ckpt.pt in --out-dir; other data
     sys.path.insert(0, HERE)
     import vit_cifar
+    for flags, word in ((["--pretrained", "w.pth", "--dim", "64"], "comes from the weights"),
+                        (["--freeze"], "needs --pretrained")):
+        code, line = flag_error(vit_cifar.get_args, flags)
+        assert code == 2 and word in line, (flags, line)
     for flags, word in ((["--batch-size", "16"], "--batch-size 16"), (["--dataset", "cifar100"], "cifar100"),
-                        (["--dim", "64"], "--dim 64")):
+                        (["--dim", "64"], "--dim 64"), (["--optimizer", "adamw"], "--optimizer adamw"),
+                        (["--seed", "3"], "--seed 3"), (["--layer-decay", "0.7"], "--layer-decay 0.7")):
         code, line = flag_error(vit_cifar.get_args, ["--resume", str(tmp_path / "b" / "ckpt.pt"), *flags])
         assert code == 2 and word in line and "keeps its dataset" in line, (flags, line)
     for flags in (["--img-size", "0"], ["--mlp-ratio", "2"], ["--log-every", "1" + "0" * 400]):  # these match or fit
@@ -731,6 +750,12 @@ def test_pretrained_files_torchvision_timm_same_logits(tmp_path):
         assert rel_err(m.eval().forward_head(m.forward_features(x), pre_logits=True), _tv_features(tv, x)) < 1e-5
         m48, _ = common.load_pretrained(str(tmp_path / "tv.pth"), 7, img_size=48)  # grid 4x4 -> 6x6, bicubic
         assert m48.pos_embed.shape == (1, 37, 128) and m48(torch.randn(2, 3, 48, 48)).shape == (2, 7)
+        # heads are not in a state_dict: the guess (width / 64) fits the published ViTs; heads= (--heads) others
+        import torchvision
+        tv4 = randomize(torchvision.models.VisionTransformer(32, 8, 2, 4, 128, 256, num_classes=10)).eval()
+        torch.save(tv4.state_dict(), tmp_path / "tv4.pth")
+        m, info = common.load_pretrained(str(tmp_path / "tv4.pth"), 10, heads=4)
+        assert info["arch"]["heads"] == 4 and rel_err(m.eval()(x), tv4(x)) < 1e-5
     try:  # a timm-named state_dict: timm's own when installed, else this ViT's (the same names)
         import timm
         src = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, num_classes=5,

@@ -44,7 +44,8 @@ DATASETS = {  # dir, train files, test file, label key, meta file, class-name ke
 CONTROL = ("resume", "ckpt", "eval_only", "predict", "interrupt_at", "device", "threads", "compile", "out_dir")
 # what a checkpoint fixes: given with one, a flag must match it (a shape flag may also match the model's own shape)
 FIXED = dict(dataset="", model="", batch_size="", patch="patch_size", dim="dim", depth="depth", heads="heads",
-             mlp_ratio="mlp_ratio", pool="pool", pos_embed="pos_embed", img_size="img_size")
+             mlp_ratio="mlp_ratio", pool="pool", pos_embed="pos_embed", img_size="img_size", seed="", aug_chunk="",
+             optimizer="", freeze="", layer_decay="")  # the last five: the RNG streams and the optimizer's groups
 # --pretrained's recipe: a short, gentle schedule without the from-scratch regularisers; flags given still win
 FINETUNE = dict(epochs=10, batch_size=128, lr=1e-4, warmup=1, weight_decay=0.05, policy="none", mixup=0.0,
                 cutmix=0.0, erase=0.0, ema=0.0, drop_path=0.1)
@@ -114,22 +115,31 @@ def get_args(argv=None):
         saved = load_ckpt(args.ckpt)["args"]
         arch = {k: v.default for k, v in inspect.signature(C.ViT).parameters.items()}  # the ViT's defaults, then
         arch.update(saved.get("arch") or {})  # the checkpoint model's own values
-        clash = [k for k in FIXED if k in given and getattr(args, k) not in (saved.get(k), arch.get(FIXED[k]))
+        old = {k: arch.get(FIXED[k], saved.get(k, p.get_default(k))) for k in FIXED}  # a flag newer than ckpt.pt
+        clash = [k for k in FIXED if k in given and getattr(args, k) not in (saved.get(k), old[k])
                  and (k, getattr(args, k)) != ("img_size", 0)]  # --img-size 0: whatever the model has
         if clash:
             k = clash[0]
-            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}, but {args.ckpt} has "
-                    f"{arch.get(FIXED[k], saved.get(k))}: a checkpoint keeps its dataset, model and batch size")
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}, but {args.ckpt} has {old[k]}: a checkpoint keeps "
+                    "its dataset, model, batch size, seed, --aug-chunk and optimizer set-up")
+        if args.resume and "pretrained" in given:  # documented: the checkpoint wins
+            print(f"note: --resume {args.resume} wins over --pretrained {args.pretrained}", flush=True)
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in CONTROL},
-                                     **{k: getattr(args, k) for k in given}})
+                                     **{k: getattr(args, k) for k in given if k != "pretrained" or not args.resume}})
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     elif args.pretrained:
+        shape = [k for k in ("model", "patch", "dim", "depth", "mlp_ratio", "pool", "pos_embed") if k in given]
+        if shape:
+            p.error(f"--{shape[0].replace('_', '-')}: with --pretrained the model's shape comes from the weights "
+                    "(--heads may correct the guess for a file: heads are not in a state_dict)")
         C.apply_recipe(args, FINETUNE, given)
     elif args.recipe == "cpu" or args.recipe == "auto" and (args.device == "cpu" or not torch.cuda.is_available()):
         args.recipe = "cpu"  # a 100-epoch run of cifar_s would take days on a CPU; a --model given keeps its sizes
         sizes = ("dim", "heads", "depth") if "model" in given else ()
         C.apply_recipe(args, {k: v for k, v in CPU.items() if k not in sizes}, given)
         print("note: the CPU recipe for the flags not given (--recipe full: the defaults of --help)", flush=True)
+    if args.freeze and not args.pretrained:
+        p.error("--freeze trains only the head: it needs --pretrained SOURCE")
     args.out_dir, args.data_dir = args.out_dir or os.path.join("runs", args.dataset), os.path.abspath(args.data_dir)
     C.check_ranges(p, args, {
         "> 0": "epochs batch_size eval_every log_every lr patch dim depth heads mlp_ratio layer_decay",
@@ -143,9 +153,12 @@ def get_args(argv=None):
 
 def load_ckpt(path):
     try:
-        return C.load_checkpoint(path, required=("model", "args", "classes"))
+        ck = C.load_checkpoint(path, required=("model", "args", "classes"))
     except C.CheckpointError as e:
         C.die(str(e))
+    if not (isinstance(ck["args"], dict) and isinstance(ck["classes"], list)):
+        C.die(f"checkpoint {path} has no args dict and class list: not a checkpoint of this script")
+    return ck
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -154,6 +167,8 @@ def load_cifar(name, root):
     """{'train': (uint8 (N, 3, 32, 32), int64 (N,)), 'test': ...} and the class names, from the python batches."""
     sub, train, test, key, meta, names_key = DATASETS[name][:6]
     d = os.path.join(root, sub)
+    if os.path.isfile(os.path.join(root, train[0])) and not os.path.isdir(d):  # else a download would land in there
+        C.die(f"--data-dir {root} is the batches folder itself: give the folder that holds {sub}/")
     if not all(os.path.isfile(os.path.join(d, f)) for f in train + [test, meta]):
         try:
             import torchvision.datasets as tvd
@@ -279,7 +294,7 @@ def main():
     if args.pretrained and not ck:  # the shape, the input size and statistics come from the weights
         try:
             raw, info = C.load_pretrained(args.pretrained, len(classes), args.img_size, classes,
-                                          drop_path=args.drop_path)
+                                          drop_path=args.drop_path, **({"heads": args.heads} if args.heads else {}))
         except C.CheckpointError as e:
             C.die(str(e))
         args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]
@@ -350,14 +365,21 @@ def main():
                 C.load_weights(ema.module, ck.get("ema") or {}, "checkpoint's EMA (resume with --ema 0 if it has none)")
                 ema.n_averaged.fill_(ck["ema_n"])
             C.load_optimizers(opts, ck["optimizer"])
+            for g in [g for o in opts for g in o.param_groups if g["weight_decay"]]:  # --weight-decay given again
+                g["weight_decay"] = args.weight_decay
             scaler.load_state_dict(ck["scaler"])
             torch.set_rng_state(ck["rng"]["cpu"])
+            made_on = "cuda" if ck["rng"]["cuda"] else "cpu"  # the data order's generator lives on the device
+            if made_on != device.type:
+                raise ValueError(f"it was made on {made_on}: resume it there (--device {made_on})")
             gen.set_state(ck["rng"]["gen"])
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"]) if cuda and ck["rng"]["cuda"] else None
             if ck.get("n_train", n) != n:
                 raise ValueError(f"its run had {ck['n_train']} training images, {args.data_dir} has {n}")
             epoch, batch, step, perm, sums, elapsed = (ck[k] for k in ("epoch", "batch", "step", "perm", "sums",
                                                                        "elapsed"))
+            if epoch + (batch > 0) > args.epochs:
+                raise ValueError(f"it is at step {step}, in epoch {epoch + 1}: --epochs {args.epochs} ends before")
         except (C.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
             C.die(f"cannot resume from {args.ckpt}: " + (f"it has no {e} (a checkpoint of another script?)" if
                   isinstance(e, KeyError) else str(e).splitlines()[0][:200]))
@@ -406,6 +428,8 @@ def main():
                 if ema is not None:
                     C.ema_update(ema, raw, first=step == 0)
                 step, run_loss = step + 1, run_loss + loss.detach()  # no host sync until a log line
+                if step == args.interrupt_at:  # before the log line: a stop logs the loss since the last one
+                    os.kill(os.getpid(), signal.SIGTERM)
                 if step % args.log_every == 0 or batch == spe - 1 or stop:
                     k, now, lsum = step - s_log, time.time(), float(run_loss)  # float(): the host waits here
                     if not math.isfinite(lsum):  # checked before every save, so ckpt.pt never holds NaN weights
@@ -419,15 +443,13 @@ def main():
                         f"lr {lr:.2e} | {k * bs / (now - t_log):.0f} img/s | aug {100 * aug_t / (now - t_ep):.1f}%"
                         f" | eta {C.fmt_time((total - step) * (now - t_ep) / (batch + 1 - b0))}")
                     t_log, s_log, run_loss = now, step, 0.0
-                if step == args.interrupt_at:
-                    os.kill(os.getpid(), signal.SIGTERM)
                 if stop:
                     save(epoch, batch + 1)
                     print(f"saved {ckpt_path} at step {step}; resume with: {C.resume_command(ckpt_path)}", flush=True)
                     sys.exit(130)
-            batch, ips = 0, (spe - b0) * bs / (time.time() - t_ep)
+            batch, ips = 0, (spe - b0) * bs / (time.time() - t_ep)  # 0: stopped at the epoch's end, no step since
             row = dict(epoch=epoch + 1, train_loss=f"{sums[0] / sums[1]:.4f}", test_loss="", test_acc="",
-                       lr=f"{lr:.3e}", img_per_s=f"{ips:.1f}")
+                       lr=f"{lr:.3e}", img_per_s=f"{ips:.1f}" if ips else "")
             msg = f"ep {epoch + 1}/{args.epochs} | train loss {row['train_loss']}"
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 (lo, ac), em = test(raw), test(ema.module) if ema else None
@@ -435,7 +457,7 @@ def main():
                 msg += f" | test loss {lo:.4f} acc {ac:.2f}%" + (f" | ema {em[0]:.4f} acc {em[1]:.2f}%" if em else "")
             save(epoch + 1, 0)
             log.row(**row, elapsed_s=f"{time.time() - t_start:.1f}")
-            log(f"{msg} | {ips:.0f} img/s | {C.fmt_time(time.time() - t_start)}")
+            log(f"{msg} | {f'{ips:.0f} img/s | ' if ips else ''}{C.fmt_time(time.time() - t_start)}")
     except KeyboardInterrupt:
         print(f"stopped; {ckpt_path} holds the last saved state" + (f"; resume with: {C.resume_command(ckpt_path)}"
               if os.path.exists(ckpt_path) else " (none saved yet)"), flush=True)
