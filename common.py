@@ -537,7 +537,7 @@ def decode_rgb(path):
         img = decode_image(path, mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision's messages start with "<function>, <file>.cpp:<line>, "
         why = re.sub(r"^\w+, \S+:\d+, ", "", (str(e).splitlines() or [type(e).__name__])[0])
-        raise ValueError(f"cannot read image {path}: {why[:100]}") from None
+        raise ValueError(f"cannot read image {path}: {why.split('. ')[0][:100]}") from None
     return to_dtype(img[0] if img.ndim == 4 else img, torch.uint8, scale=True)  # GIF: 1st frame; uint8: no-op
 
 
@@ -611,6 +611,8 @@ class Logger:
         csv_path = os.path.join(out_dir, "log.csv")
         if enabled and not append:
             check_out_dir(out_dir)
+        if enabled and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            die(f"--out-dir {out_dir} is a file, not a folder")
         try:
             if enabled:
                 os.makedirs(out_dir, exist_ok=True)

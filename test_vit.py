@@ -919,8 +919,10 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     assert ca["step"] == cb["step"] == 9 and ca["epoch"] == cb["epoch"] == 3
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert [r["train_loss"] for r in _rows(b)] == [r["train_loss"] for r in rows]
-    # 2 processes (torchrun, gloo) x 2 accumulated micro-batches x 2 images: the losses of 1 process x 8 images
-    _run(*base, "--out-dir", c, "--workers", 0, "--accum-steps", 2, procs=2)
+    # 2 processes (torchrun, gloo) x 2 accumulated micro-batches x 2 images, stopped in epoch 2 and resumed in one
+    # process (4 images x 2): the losses of 1 process x 8 images, the resumed epoch's too
+    _run(*base, "--out-dir", c, "--workers", 0, "--accum-steps", 2, "--stop-after", 4, procs=2)
+    _run("--resume", c / "ckpt.pt", "--workers", 0)
     for r0, r in zip(rows, _rows(c), strict=True):
         for k in ("train_loss", "test_loss"):
             assert abs(float(r[k]) - float(r0[k])) <= 1e-4 * float(r0[k]), (k, r, r0)
@@ -936,10 +938,11 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
     data = _imagenet_tree(str(tmp_path / "tiny"), tiny=True)
     with open(os.path.join(data, "train", "n01", "images", "n01_train_0.JPEG"), "wb") as f:
         f.write(b"not a jpeg")  # one unreadable image: skipped and counted
-    r = _run("--data-dir", data, "--out-dir", tmp_path / "o", "--epochs", 1, "--workers", 1, "--cutmix", 1,
-             "--ema", 0.9, *IMNET_TINY)
-    assert "24 train / 12 val images, 3 classes" in r.stdout and "skipped 1 unreadable" in r.stdout
-    assert "ema top1" in r.stdout and len(_rows(tmp_path / "o")) == 1
+    r = _run("--data-dir", data, "--out-dir", tmp_path / "o", "--epochs", 2, "--workers", 1, "--cutmix", 1,
+             "--ema", 0.9, *IMNET_TINY)  # each epoch meets the bad image again: still 1
+    epochs = [line for line in r.stdout.splitlines() if "train_loss" in line]
+    assert "24 train / 12 val images, 3 classes" in r.stdout and all("skipped 1 unreadable" in e for e in epochs)
+    assert "ema top1" in r.stdout and len(_rows(tmp_path / "o")) == 2 == len(epochs)
 
 
 def test_imagenet_clear_errors(tmp_path):
@@ -956,7 +959,13 @@ def test_imagenet_clear_errors(tmp_path):
     with open(os.path.join(tiny, "val", "val_annotations.txt"), "a") as f:
         f.write("a line without tabs\n")
     torch.save(ViT(img_size=32, patch_size=4, num_classes=5, dim=32, depth=1, heads=2).state_dict(), tmp_path / "w5")
-    cases = {"2 or more": ["--data-dir", one_class], "tab-separated": ["--data-dir", tiny],
+    torch.save({"model": {}, "args": {}, "classes": [], "step": 0}, tmp_path / "cifar.pt")  # e.g. vit_cifar's
+    gone = _imagenet_tree(str(tmp_path / "d6"), tiny=True)
+    os.remove(os.path.join(gone, "val", "images", sorted(os.listdir(os.path.join(gone, "val", "images")))[0]))
+    cases = {"are missing": ["--data-dir", gone],
+             "lacks steps_per_epoch": ["--resume", str(tmp_path / "cifar.pt"), "--eval-only"],
+             "is a file": ["--data-dir", good, "--out-dir", str(tmp_path / "w5")],
+             "2 or more": ["--data-dir", one_class], "tab-separated": ["--data-dir", tiny],
              "not a folder": ["--data-dir", str(tmp_path / "none")],
              "no head for these 3 classes": ["--data-dir", good, "--pretrained", str(tmp_path / "w5"), "--eval-only"],
              "train/": ["--data-dir", str(tmp_path)],  # no train/ folder
@@ -980,7 +989,8 @@ def test_imagenet_clear_errors(tmp_path):
               "            code = e.code\n"
               "    out.append([code, err.getvalue()])\n"
               "print(json.dumps(out))\n")
-    r = subprocess.run([sys.executable, "-c", driver, json.dumps([IMNET_TINY + v for v in cases.values()])],
+    argvs = [IMNET_TINY[4:] + v if k.startswith("no head") else IMNET_TINY + v for k, v in cases.items()]  # no --model
+    r = subprocess.run([sys.executable, "-c", driver, json.dumps(argvs)],
                        capture_output=True, text=True, env=IMNET_ENV, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for (message, argv), (code, err) in zip(cases.items(), json.loads(r.stdout.strip().splitlines()[-1])):
@@ -988,7 +998,9 @@ def test_imagenet_clear_errors(tmp_path):
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
     sys.path.insert(0, HERE)
     import vit_imagenet
-    for flags, word in ((["--randaug-mag", "31"], "--randaug-mag must be <= 30"), (["--clip", "nan"], "--clip")):
+    for flags, word in ((["--randaug-mag", "31"], "--randaug-mag must be <= 30"), (["--clip", "nan"], "--clip"),
+                        (["--pretrained", "w.pth", "--pool", "cls"], "comes from the weights"),
+                        (["--freeze"], "needs --pretrained"), (["--threads", "100000"], "cores")):
         code, line = flag_error(vit_imagenet.get_args, ["--data-dir", good, *flags])
         assert code == 2 and word in line, (flags, line)
 

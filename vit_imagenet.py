@@ -32,6 +32,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -71,6 +72,8 @@ def get_args(argv=None):
     a("--img-size", type=int, default=0, help="train and eval resolution; 0: 224, or the --pretrained weights'")
     a("--patch", type=int, default=0, help="patch size; 0: 16 from 128 px, 8 from 64 px, else 4")
     a("--depth", type=int, default=0, help="transformer blocks; 0: the preset's")
+    a("--heads", type=int, default=0, help="attention heads; 0: the preset's (--pretrained file: the published ViTs' "
+      "for its width, as a state_dict lacks them)")
     a("--pool", default="mean", choices=["mean", "cls"], help="classify the mean token (recipe) or a class token")
     a("--pos-embed", default="sincos", choices=["sincos", "learn"], help="fixed 2-D sin-cos (recipe) or learned")
     a("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
@@ -112,13 +115,19 @@ def get_args(argv=None):
     args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
     if (args.eval_only or args.predict) and not (args.resume or args.pretrained):
         p.error("--eval-only and --predict need --resume CKPT or --pretrained SOURCE")
+    shape = [k for k in ("model", "patch", "depth", "pool", "pos_embed") if k in given]
+    if args.pretrained and not args.resume and shape:
+        p.error(f"--{shape[0].replace('_', '-')}: with --pretrained the model's shape comes from the weights (--heads "
+                "may correct the guess for a file)")
+    if args.freeze and not args.pretrained:
+        p.error("--freeze trains only the head: it needs --pretrained SOURCE")
     if args.pretrained and not args.resume:
         common.apply_recipe(args, FINETUNE, given)
     if args.resume:
         try:
-            ckpt = common.load_checkpoint(args.resume, required=("model", "args", "classes", "epoch", "step"))
+            ckpt = common.load_checkpoint(args.resume, required=("model", "args", "classes", "step", "steps_per_epoch"))
         except common.CheckpointError as e:
-            common.die(str(e))
+            common.die(f"{e}" + (f" (--pretrained {args.resume} starts from its weights)" if "lacks" in str(e) else ""))
         ignored = [k for k in sorted(given) if k not in RUNTIME and getattr(args, k) != ckpt["args"].get(k)]
         if ignored and os.environ.get("RANK", "0") == "0":
             print("note: --resume keeps the checkpoint's " + ", ".join("--" + k.replace("_", "-") for k in ignored))
@@ -133,7 +142,7 @@ def get_args(argv=None):
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
     common.check_ranges(p, args, {
         "> 0": "epochs batch_size accum_steps patch lr layer_decay crop_scale crop_pct",
-        ">= 0": "img_size depth warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix seed "
+        ">= 0": "img_size depth heads warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix seed "
                 "label_smoothing drop_path ema threads log_every",
         "< 1": "label_smoothing drop_path ema", "<= 1": "layer_decay crop_scale crop_pct", "<= 30": "randaug_mag",
         "< 4294967296": "seed"})  # seeds in [0, 2**32)
@@ -167,6 +176,9 @@ def scan(args, need_train=True):
                 common.die(f"{ann}: entry {bad + 1} is not '<file>\\t<wnid>...' (tab-separated)")
             unknown = sorted({w for _, w in rows if w not in idx})
             val = [(os.path.join(vd, "images", f), idx.get(w)) for f, w in rows]
+            gone = [f for f, _ in val if not os.path.isfile(f)]  # found now, not after a training epoch
+            if gone:
+                common.die(f"{len(gone)} of the {len(val)} images in {ann} are missing (e.g. {gone[0]})")
         else:
             unknown = sorted({e.name for e in os.scandir(vd) if e.is_dir()} - set(classes))
             val = make_dataset(vd, idx, EXTS, allow_empty=True)
@@ -220,16 +232,25 @@ def collate(batch):
 
 
 class Skips:
-    """Counts unreadable images; many (more than 10 and 1% of those seen, or a whole batch) stop the run."""
+    """Unreadable images met by this process, each counted once (every epoch meets it again); many (more than 10 and
+    1% of all `total` images, or a whole batch) stop the run."""
 
-    def __init__(self):
-        self.n, self.seen, self.first = 0, 0, None
+    def __init__(self, total, world, group):
+        self.bad, self.total, self.world, self.group = {}, total, world, group  # 'path: reason' in order seen
 
     def __call__(self, bad, good):
-        self.n, self.seen = self.n + len(bad), self.seen + len(bad) + good
-        self.first = self.first or next(iter(bad), None)
-        if bad and (good == 0 or self.n > max(10, 0.01 * self.seen)):
-            common.die(f"{self.n} of {self.seen} images unreadable so far (e.g. {self.first}); check --data-dir")
+        self.bad.update(dict.fromkeys(bad))
+        if bad and (good == 0 or len(self.bad) > max(10, 0.01 * self.total)):
+            common.die(f"{len(self.bad)} of {self.total} images unreadable (e.g. {next(iter(self.bad))}); check "
+                       "--data-dir")
+
+    def note(self):
+        """' | skipped N unreadable (e.g. ...)', N over all processes (every process calls it), or ''."""
+        every = [list(self.bad)] * self.world  # a file may fall in another process's shard in the next epoch
+        if self.world > 1:
+            dist.all_gather_object(every, list(self.bad), group=self.group)
+        bad = dict.fromkeys(b for some in every for b in some)
+        return f" | skipped {len(bad)} unreadable (e.g. {next(iter(bad))})" if bad else ""
 
 
 def loader(ds, batch, args, device, sampler=None):
@@ -273,7 +294,8 @@ class Sampler(DistributedSampler):
 
 
 def setup(device_name):
-    """(rank, world size, device) from torchrun's environment variables; one process without them."""
+    """(rank, world size, device, group) from torchrun's environment variables; one process without them. group:
+    gloo, for the small agreements (stop now?) that must not wait for the GPU."""
     rank, world, local = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     world, device = max(world, 1), common.pick_device(device_name)
     if device.type == "cuda":
@@ -285,7 +307,7 @@ def setup(device_name):
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    return rank, world, device
+    return rank, world, device, dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
 
 
 def evaluate(model, dl, prep, autocast, skips, world, device):
@@ -306,7 +328,7 @@ def main():
     training, ckpt_path = not (args.eval_only or args.predict), os.path.join(args.out_dir, "ckpt.pt")
     if training:  # every rank, before any set-up: one error line, not a torchrun crash
         common.check_out_dir(args.out_dir, args.resume)
-    rank, world, device = setup(args.device)
+    rank, world, device, group = setup(args.device)
     common.seed_everything(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     classes = ckpt["classes"] if args.predict and ckpt else None
@@ -366,8 +388,9 @@ def main():
             common.die(f"cannot read image {next(r for x, r in items if x is None)}")
         with torch.no_grad(), autocast():
             logits = (ema.module if ema else model).eval()(prep(torch.stack([x for x, _ in items])))
-        return common.print_top5(logits, args.predict, classes)
-    B, A, skips = args.batch_size, args.accum_steps, Skips()
+        return common.print_top5(logits, args.predict, classes) if rank == 0 else None
+    B, A = args.batch_size, args.accum_steps
+    skips = Skips(1 if args.synthetic else len(train_s) * training + len(val_s), world, group)
     if B % (world * A):
         common.die(f"--batch-size {B} is not divisible by {world} process(es) x --accum-steps {A}")
     micro, val_ds = B // (world * A), Images(val_s, transforms(args, False), args.img_size)
@@ -375,9 +398,10 @@ def main():
     if args.eval_only:
         for name, m in [("model", model)] + ([("ema", ema.module)] if ema else []):
             loss, top1, top5 = evaluate(m, val_dl, prep, autocast, skips, world, device)
+            note = skips.note()
             if rank == 0:
                 print(f"eval {name} | {len(val_ds)} images | test_loss {loss:.4f} | top1 {top1:.2f}% | top5 "
-                      f"{top5:.2f}%" + (f" | skipped {skips.n} unreadable (e.g. {skips.first})" if skips.n else ""))
+                      f"{top5:.2f}%{note}")
         return
 
     train_ds = Images(train_s, transforms(args, True), args.img_size, seed=args.seed)
@@ -389,9 +413,11 @@ def main():
     if steps == 0 or args.warmup >= total:
         common.die(f"{len(train_ds)} training images are fewer than one --batch-size {B}" if steps == 0 else
                    f"--warmup {args.warmup} is not below the run's {total} steps (the recipe: 10k of 112k)")
-    if ckpt and ckpt.get("steps_per_epoch") != steps:
-        common.die(f"{args.data_dir} gives {steps} steps per epoch, the checkpoint's run " + str(
-            ckpt.get("steps_per_epoch", "? (not a vit_imagenet.py checkpoint)")))
+    if ckpt and ckpt["steps_per_epoch"] != steps:
+        common.die(f"{args.data_dir} gives {steps} steps per epoch, the checkpoint's run {ckpt['steps_per_epoch']}")
+    if step >= total:
+        return print(f"{args.resume} is at step {step} of {total}: its run is complete (--eval-only evaluates it)"
+                     ) if rank == 0 else None
     mixers = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mixers) if mixers else None
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -405,10 +431,10 @@ def main():
         + (f" | resumed at step {step}" if ckpt else ""))
     stop = common.StopFlag(verbose=rank == 0)  # acted on at a step that every process agrees on
 
-    def agreed(flag):  # True in every process if True in any
+    def agreed(flag):  # True in every process if True in any; on the CPU (gloo): no GPU sync
         if world > 1:
-            flag = torch.tensor(float(flag), device=device)
-            dist.all_reduce(flag)
+            flag = torch.tensor(float(flag))
+            dist.all_reduce(flag, group=group)
         return bool(flag)
 
     t_start, first, rate = time.time() - elapsed, step, lambda r: f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
@@ -417,7 +443,7 @@ def main():
         sampler.set_epoch(epoch)
         sampler.skip, train_ds.epoch = s0 * A * micro, epoch  # skip: what a mid-epoch checkpoint already trained on
         model.train()
-        loss_sum = torch.tensor(epoch_loss / world if s0 else 0.0, device=device)  # summed over steps (and ranks)
+        loss_sum = torch.tensor(epoch_loss if s0 else 0.0, device=device)  # over steps; all_reduce: ranks too
         wait, it, t0 = 0.0, start(train_dl), time.time()
         shown = t0
         for s in range(s0, steps):
@@ -447,7 +473,7 @@ def main():
                     f"eta {common.fmt_time(dt / (s + 1 - s0) * (total - step))}")
             if args.stop_after and step - first == args.stop_after:
                 stop.reasons.append("--stop-after")
-            stopping = (world == 1 or step % 20 == 0 or args.stop_after) and agreed(bool(stop))  # 1 in 20: sync
+            stopping = agreed(bool(stop))  # every step: torchrun kills its workers 30 s after a signal
             if stopping:
                 break
         if world > 1:
@@ -459,18 +485,18 @@ def main():
         if done:
             test_loss, top1, top5 = evaluate(model, val_dl, prep, autocast, skips, world, device)
             ema_top1 = evaluate(ema.module, val_dl, prep, autocast, skips, world, device)[1] if ema else 0
-            elapsed, n = time.time() - t_start, (steps - s0) * B
+            elapsed, n, note = time.time() - t_start, (steps - s0) * B, skips.note()
             log(f"ep {epoch + 1}/{args.epochs} | train_loss {train_loss:.4f} | test_loss {test_loss:.4f} | top1 "
                 f"{top1:.2f}% | top5 {top5:.2f}%" + (f" | ema top1 {ema_top1:.2f}%" if ema else "") +
                 f" | {rate(n / train_time)} img/s | data {100 * wait / train_time:.0f}% | {common.fmt_time(elapsed)}"
-                + f" | skipped {skips.n} unreadable (e.g. {skips.first})" * bool(skips.n))
+                + note)
             log.row(epoch=epoch + 1, train_loss=train_loss, test_loss=test_loss, test_acc=top1, test_acc5=top5, lr=lr,
                     img_per_s=round(n / train_time, 1), elapsed_s=round(elapsed, 1))
         if rank == 0 and (done or stopping):  # the unwrapped, uncompiled module's weights
             common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                                     "optimizer": [o.state_dict() for o in opts], "scaler": scaler.state_dict(),
                                     "epoch": step // steps, "steps_per_epoch": steps, "epoch_loss": 0.0 if done else
-                                    loss_sum.item(), "elapsed": time.time() - t_start, "classes": classes,
+                                    loss_sum.item() / world, "elapsed": time.time() - t_start, "classes": classes,
                                     "args": vars(args)}, ckpt_path)
         s0 = 0
         if (stopping or agreed(bool(stop))) and step < total:
@@ -489,6 +515,10 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         print("\ninterrupted: nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:  # a collective failed here because another process stopped, with its own error line
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or re.search("gloo|NCCL|onnection", str(e)))):
+            raise
+        common.die(f"process {dist.get_rank()} stopped too: another one stopped first (its error is above)")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
