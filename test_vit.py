@@ -905,7 +905,8 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     data = _imagenet_tree(str(tmp_path / "data"))
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     base = ["--data-dir", data, "--epochs", 3, "--mixup", 0, *IMNET_TINY,  # global batch 8; RandAugment, crops stay on
-            "--optimizer", "muon"]  # Muon's and AdamW's states through ckpt.pt and DDP (the next test: AdamW alone)
+            "--optimizer", "muon", "--heads", 2]  # Muon's and AdamW's states through ckpt.pt and DDP (the next test:
+    # AdamW alone); cifar_cpu has 4 heads
     _run(*base, "--out-dir", a, "--workers", 1)
     rows = _rows(a)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
@@ -916,7 +917,7 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     assert "--resume" in r.stdout and len(_rows(b)) == 1
     _run("--resume", b / "ckpt.pt", "--workers", 2)
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
-    assert ca["step"] == cb["step"] == 9 and ca["epoch"] == cb["epoch"] == 3
+    assert ca["step"] == cb["step"] == 9 and ca["epoch"] == cb["epoch"] == 3 and ca["args"]["arch"]["heads"] == 2
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert [r["train_loss"] for r in _rows(b)] == [r["train_loss"] for r in rows]
     # 2 processes (torchrun, gloo) x 2 accumulated micro-batches x 2 images, stopped in epoch 2 and resumed in one

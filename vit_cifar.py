@@ -79,7 +79,8 @@ def get_args(argv=None):
     a("--aug-chunk", type=int, default=0, help="batches augmented per call (0: ~8192 images on CUDA, 1 on CPU)")
     a("--model", default="cifar_s", choices=[k for k in C.PRESETS if k.startswith("cifar")], help="common.py preset")
     for f, t in [("patch", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)]:
-        a(f"--{f}", type=t, default=None, help="override the preset's value")
+        a(f"--{f}", type=t, default=None, help="override the preset's value" + (" (with --pretrained: the guess "
+          "for a file, the published ViTs' for its width)" if f == "heads" else ""))
     a("--pool", default="mean", choices=["cls", "mean"], help="class token or mean of the patch tokens")
     a("--pos-embed", default="sincos", choices=["learn", "sincos"], help="learned or fixed 2-D sin-cos")
     a("--img-size", type=int, default=0, help="images are resized to this on the device (0: 32, or the weights' size)")
@@ -89,7 +90,7 @@ def get_args(argv=None):
     a("--recipe", default="auto", choices=["auto", "full", "cpu"], help="full: the defaults shown here (for a GPU); "
       f"cpu: {CPU} for the flags not given, but a --model given keeps its sizes (2 CPU cores: ~79%% in ~25 min); "
       "auto: cpu when the device is a CPU")
-    a("--freeze", action="store_true", help="train only the new head (a linear probe; recipe lr 1e-3)")
+    a("--freeze", action="store_true", help="train only the new head (a linear probe; recipe lr 1e-3, drop-path 0)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay per block from the head down (1: off)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
@@ -99,8 +100,9 @@ def get_args(argv=None):
       help="torch.compile the training model (--compile: mode default); reduce-overhead: CUDA graphs, for a run "
       "bound by its CPU side (on the H100 the default model was; this mode there: not yet measured)")
     a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint: its args, but for those given "
-      "again (its dataset, model and batch size stay)")
-    a("--eval-only", action="store_true", help="evaluate --resume CKPT (default <out-dir>/ckpt.pt) and exit")
+      "again (its dataset, model, batch size, seed, --aug-chunk and optimizer set-up stay)")
+    a("--eval-only", action="store_true", help="evaluate --resume CKPT (default <out-dir>/ckpt.pt), or --pretrained "
+      "SOURCE, and exit")
     a("--predict", nargs="+", default=None, metavar="FILE", help="print top-5 classes of image files and exit")
     a("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (and always at the end)")
     a("--log-every", type=int, default=50, help="progress line every N steps")

@@ -97,9 +97,10 @@ def get_args(argv=None):
     a("--pretrained", metavar="SOURCE", help="start from ViT weights: a torchvision name (vit_b_16, vit_l_16:"
       "IMAGENET1K_SWAG_E2E_V1) or a torchvision / timm state_dict or ckpt.pt file; the model's shape and input "
       f"statistics come from the weights, a new head unless the classes match; recipe {FINETUNE} unless given")
-    a("--freeze", action="store_true", help="train only the head (a linear probe; recipe lr 1e-3)")
+    a("--freeze", action="store_true", help="train only the head (a linear probe; recipe lr 1e-3, drop-path 0)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay per block from the head down (1: off)")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1),
+      help="data loading processes per process, min(8, cores) by default: here")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     a("--threads", type=int, default=0, help="CPU threads of each process (0: torch's default; torchrun sets 1)")
     a("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
@@ -107,8 +108,9 @@ def get_args(argv=None):
     a("--synthetic", action="store_true", help="ImageNet-sized constant images instead of --data-dir: the speed of "
       "the model, DDP and the loader without decoding or augmentation")
     a("--resume", metavar="CKPT", help="continue from this ckpt.pt (its settings win over the command line)")
-    a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    a("--predict", nargs="+", metavar="FILE", help="print the top-5 classes of these images (with --resume)")
+    a("--eval-only", action="store_true", help="evaluate the --resume CKPT or --pretrained SOURCE and exit")
+    a("--predict", nargs="+", metavar="FILE", help="print the top-5 classes of these images (with --resume CKPT or "
+      "--pretrained SOURCE)")
     a("--log-every", type=float, default=30.0, help="seconds between progress lines")
     a("--stop-after", type=int, default=0, help="stop after this many steps of this run, saving as Ctrl-C does")
     args, ckpt, given = p.parse_args(argv), None, common.given_args(p, argv)
@@ -142,8 +144,8 @@ def get_args(argv=None):
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
     common.check_ranges(p, args, {
         "> 0": "epochs batch_size accum_steps patch lr layer_decay crop_scale crop_pct",
-        ">= 0": "img_size depth heads warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix seed "
-                "label_smoothing drop_path ema threads log_every",
+        ">= 0": "img_size depth heads warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix "
+                "seed label_smoothing drop_path ema threads log_every",
         "< 1": "label_smoothing drop_path ema", "<= 1": "layer_decay crop_scale crop_pct", "<= 30": "randaug_mag",
         "< 4294967296": "seed"})  # seeds in [0, 2**32)
     if not (args.data_dir or args.predict or args.synthetic):  # --predict: classes from the ckpt or the weights
@@ -343,7 +345,8 @@ def main():
     try:
         if args.pretrained and not ckpt:  # the shape and input statistics from the weights
             model, info = common.load_pretrained(args.pretrained, len(classes) if classes else None,
-                                                 args.img_size or None, classes, drop_path=args.drop_path)
+                                                 args.img_size or None, classes, drop_path=args.drop_path,
+                                                 **({"heads": args.heads} if args.heads else {}))
             args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]
             classes = classes or info["classes"] or [str(i) for i in range(model.num_classes)]
             if rank == 0:
@@ -354,7 +357,8 @@ def main():
         else:
             args.arch = args.arch or {**{k: v for k, v in common.PRESETS[args.model].items() if k != "num_classes"},
                                       "img_size": args.img_size, "patch_size": args.patch, "pool": args.pool,
-                                      "pos_embed": args.pos_embed, **({"depth": args.depth} if args.depth else {})}
+                                      "pos_embed": args.pos_embed,
+                                      **{k: v for k, v in (("depth", args.depth), ("heads", args.heads)) if v}}
             model = common.ViT(**args.arch, num_classes=len(classes), drop_path=args.drop_path)
     except (ValueError, common.CheckpointError) as e:
         common.die(str(e))
