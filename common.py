@@ -298,6 +298,9 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
                 pool="cls" if prefix else "mean", pos_embed="learn" if grid else "sincos")
     arch.update({k: v for k, v in info.pop("arch").items() if k in arch and v is not None})
+    if overrides.get("heads", arch["heads"]) != arch["heads"] and (info["style"] == "this project" or
+                                                                   not os.path.isfile(source)):
+        raise CheckpointError(f"{source} has {arch['heads']} heads: --heads is for a state_dict file, which lacks them")
     arch.update({k: overrides.pop(k) for k in list(overrides) if k in arch})  # heads=: not in a state_dict
     info.update(img_size=arch["img_size"], source=source)
     num_classes = len(sd.get("head.bias", ())) if num_classes is None else num_classes  # None: the weights' own

@@ -118,8 +118,11 @@ def get_args(argv=None):
         arch = {k: v.default for k, v in inspect.signature(C.ViT).parameters.items()}  # the ViT's defaults, then
         arch.update(saved.get("arch") or {})  # the checkpoint model's own values
         old = {k: arch.get(FIXED[k], saved.get(k, p.get_default(k))) for k in FIXED}  # a flag newer than ckpt.pt
+        old["weight_decay"] = saved.get("weight_decay")
         clash = [k for k in FIXED if k in given and getattr(args, k) not in (saved.get(k), old[k])
                  and (k, getattr(args, k)) != ("img_size", 0)]  # --img-size 0: whatever the model has
+        if "weight_decay" in given and (args.weight_decay == 0) != (saved.get("weight_decay") == 0):
+            clash = ["weight_decay"]  # 0 merges the decayed and undecayed groups: the optimizer state would not fit
         if clash:
             k = clash[0]
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}, but {args.ckpt} has {old[k]}: a checkpoint keeps "
@@ -381,7 +384,8 @@ def main():
             epoch, batch, step, perm, sums, elapsed = (ck[k] for k in ("epoch", "batch", "step", "perm", "sums",
                                                                        "elapsed"))
             if epoch + (batch > 0) > args.epochs:
-                raise ValueError(f"it is at step {step}, in epoch {epoch + 1}: --epochs {args.epochs} ends before")
+                raise ValueError(f"it is at step {step}, in epoch {epoch + (batch > 0)} of its run: --epochs "
+                                 f"{args.epochs} ends before")
         except (C.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
             C.die(f"cannot resume from {args.ckpt}: " + (f"it has no {e} (a checkpoint of another script?)" if
                   isinstance(e, KeyError) else str(e).splitlines()[0][:200]))

@@ -121,7 +121,7 @@ def get_args(argv=None):
     if args.pretrained and not args.resume and shape:
         p.error(f"--{shape[0].replace('_', '-')}: with --pretrained the model's shape comes from the weights (--heads "
                 "may correct the guess for a file)")
-    if args.freeze and not args.pretrained:
+    if args.freeze and not (args.pretrained or args.resume):  # a --resume: the checkpoint's own --freeze
         p.error("--freeze trains only the head: it needs --pretrained SOURCE")
     if args.pretrained and not args.resume:
         common.apply_recipe(args, FINETUNE, given)
@@ -178,9 +178,9 @@ def scan(args, need_train=True):
                 common.die(f"{ann}: entry {bad + 1} is not '<file>\\t<wnid>...' (tab-separated)")
             unknown = sorted({w for _, w in rows if w not in idx})
             val = [(os.path.join(vd, "images", f), idx.get(w)) for f, w in rows]
-            gone = [f for f, _ in val if not os.path.isfile(f)]  # found now, not after a training epoch
-            if gone:
-                common.die(f"{len(gone)} of the {len(val)} images in {ann} are missing (e.g. {gone[0]})")
+            gone = [f for f, _ in val if not os.path.isfile(f)]  # many: found now, not after a training epoch
+            if len(gone) > max(10, 0.01 * len(val)):  # a few are skipped, as unreadable ones
+                common.die(f"{len(gone)} of the {len(val)} images that {ann} lists are missing (e.g. {gone[0]})")
         else:
             unknown = sorted({e.name for e in os.scandir(vd) if e.is_dir()} - set(classes))
             val = make_dataset(vd, idx, EXTS, allow_empty=True)
@@ -247,11 +247,14 @@ class Skips:
                        "--data-dir")
 
     def note(self):
-        """' | skipped N unreadable (e.g. ...)', N over all processes (every process calls it), or ''."""
+        """' | skipped N unreadable (e.g. ...)', N over all processes (every process calls it), or ''; it stops the
+        run where the processes together met too many (each alone stops at the limit, at once)."""
         every = [list(self.bad)] * self.world  # a file may fall in another process's shard in the next epoch
         if self.world > 1:
             dist.all_gather_object(every, list(self.bad), group=self.group)
         bad = dict.fromkeys(b for some in every for b in some)
+        if len(bad) > max(10, 0.01 * self.total):
+            common.die(f"{len(bad)} of {self.total} images unreadable (e.g. {next(iter(bad))}); check --data-dir")
         return f" | skipped {len(bad)} unreadable (e.g. {next(iter(bad))})" if bad else ""
 
 
@@ -383,7 +386,8 @@ def main():
                 scaler.load_state_dict(ckpt["scaler"])
         except (common.CheckpointError, KeyError, ValueError, RuntimeError, TypeError) as e:
             common.die(f"{args.resume}: {' '.join(str(e).split())[:200] or type(e).__name__}")
-        step, elapsed, epoch_loss = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("epoch_loss", 0.0)
+        step, elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
+        epoch_loss = ckpt.get("rank_loss", ckpt.get("epoch_loss", 0.0) / world)  # older: the sum over processes
 
     if args.predict:  # with the EMA weights when the checkpoint has them
         ds = Images([(f, -1) for f in args.predict], transforms(args, False), args.img_size)
@@ -499,7 +503,7 @@ def main():
         if rank == 0 and (done or stopping):  # the unwrapped, uncompiled module's weights
             common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                                     "optimizer": [o.state_dict() for o in opts], "scaler": scaler.state_dict(),
-                                    "epoch": step // steps, "steps_per_epoch": steps, "epoch_loss": 0.0 if done else
+                                    "epoch": step // steps, "steps_per_epoch": steps, "rank_loss": 0.0 if done else
                                     loss_sum.item() / world, "elapsed": time.time() - t_start, "classes": classes,
                                     "args": vars(args)}, ckpt_path)
         s0 = 0
