@@ -5,6 +5,7 @@
     python test_vit.py --bench    # training throughput vs torchvision (and timm if installed), FLOP/s vs matmul
     python -m pytest test_vit.py  # pytest collects the same functions (tmp_path is its fixture too)
 """
+import argparse
 import contextlib
 import csv
 import io
@@ -207,6 +208,11 @@ def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
     assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == mats and len(mats) == 8
     assert all(g["weight_decay"] == 0.05 for g in muon.param_groups)
     assert {names[id(p)] for g in adamw.param_groups for p in g["params"]} == set(names.values()) - mats
+    # --layer-decay 0.5: block i's lr x 0.5 ** (depth - i), the embeddings one step below block 0
+    opt, = common.make_optimizer(m, 1e-3, 0.05, layer_decay=0.5)
+    sc = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert [sc[k] for k in ("head.weight", "blocks.1.attn.qkv.weight", "blocks.0.attn.qkv.weight", "pos_embed")] == \
+        [1, 0.5, 0.25, 0.125], sc
     # ckpt.pt's optimizer states: a list, or one state from before Muon; a count that does not fit is a ValueError
     common.load_optimizers([opt], opt.state_dict())
     common.load_optimizers([adamw, muon], [adamw.state_dict(), muon.state_dict()])
@@ -243,6 +249,15 @@ def test_evaluate_counts_top1_top5():
     loss, top1, top5, n = common.evaluate(Fixed(), [(x[:2], y[:2]), (x[2:], y[2:])]).tolist()
     assert (top1, top5, n) == (1, 3, 3)
     assert math.isclose(loss, F.cross_entropy(x, y, reduction="sum").item(), rel_tol=1e-6)
+    z = torch.tensor([[6., 5, 4, 3, 2, 1, 0]])  # class 4 ranks 5th: in the top 5; class 5 ranks 6th
+    assert [common.evaluate(Fixed(), [(z, torch.tensor([c]))])[2] for c in (4, 5)] == [1, 0]
+
+    class Row(torch.nn.Module):  # logits: the image's top row; flip=True mirrors left-right
+        def forward(self, x):
+            return x[:, 0, 0]
+    img = torch.tensor([[[[3., 0, 1], [0, 0, 0]]]])
+    loss = common.evaluate(Row(), [(img, torch.tensor([2]))], flip=True)[0].item()
+    assert math.isclose(loss, F.cross_entropy(torch.tensor([[2., 0, 2]]), torch.tensor([2])).item(), rel_tol=1e-6)
     empty = common.evaluate(torch.nn.Linear(7, 7), [])  # a rank with no validation images still all_reduces
     assert empty.tolist() == [0, 0, 0, 0] and empty.dtype == torch.float64
 
@@ -257,6 +272,17 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     common.load_weights(m2, ck["model"])
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
     assert ck["step"] == 7 and ck["args"] == {"lr": 1e-3}
+
+    def torn(obj, f):  # a write that dies half-way (disk full): the previous checkpoint must survive
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    with unittest.mock.patch.object(torch, "save", torn), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            common.save_checkpoint({"step": 8}, path)
+            raise AssertionError("a failed save went unnoticed")
+        except SystemExit:
+            pass
+    assert common.load_checkpoint(path)["step"] == 7
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
@@ -447,6 +473,13 @@ def test_mini_state_dict_parity_with_common(tmp_path):
             a, b = mini(x), ref(x)
         assert a.shape == (5, 10) and a.abs().max() > 1e-3
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    # augment: per-sample shifts of up to 1 px; a flip of about half the images, each whole
+    torch.manual_seed(0)
+    xs = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    assert (mini_vit.augment(xs, 1, False) != xs).flatten(1).any(1).float().mean() > 0.5
+    b = mini_vit.augment(xs, 0, True)
+    fl = (b == xs.flip(2)).flatten(1).all(1)
+    assert 0 < fl.sum() < 64 and (fl | (b == xs).flatten(1).all(1)).all()
     # --tta: the test accuracy of the mean logits of each image and its mirror image
     xu, y = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8), torch.arange(6)
     with torch.no_grad():
@@ -665,6 +698,11 @@ def test_cifar_clear_errors(tmp_path):
     base = ["--data-dir", data, "--out-dir", out, "--epochs", 1, *CIFAR_TINY]
     sys.path.insert(0, HERE)
     import vit_cifar  # the flag checks in-process: they run before anything else
+    x = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)  # augment() flips about half of the images: dark left half
+    x[..., 16:] = 255
+    a = vit_cifar.augment(x, torch.Generator().manual_seed(0), argparse.Namespace(policy="none", erase=0),
+                          torch.zeros(1, 3, 1, 1))
+    assert 0.3 < (a[..., :16].mean((1, 2, 3)) > a[..., 16:].mean((1, 2, 3))).float().mean() < 0.7
     for flags, word in ((["--batch-size", "0"], "--batch-size"), (["--patch", "5"], "--patch 5"),
                         (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"),
                         (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size"),
@@ -911,8 +949,8 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     data = _imagenet_tree(str(tmp_path / "data"))
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     base = ["--data-dir", data, "--epochs", 3, "--mixup", 0, *IMNET_TINY,  # global batch 8; RandAugment, crops stay on
-            "--optimizer", "muon", "--heads", 2]  # Muon's and AdamW's states through ckpt.pt and DDP (the next test:
-    # AdamW alone); cifar_cpu has 4 heads
+            "--optimizer", "muon", "--heads", 2, "--ema", 0.9]  # Muon's and AdamW's states and the EMA through
+    # ckpt.pt and DDP (the next test: AdamW alone); cifar_cpu has 4 heads
     _run(*base, "--out-dir", a, "--workers", 1)
     rows = _rows(a)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
@@ -924,7 +962,7 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     _run("--resume", b / "ckpt.pt", "--workers", 2)
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     assert ca["step"] == cb["step"] == 9 and ca["epoch"] == cb["epoch"] == 3 and ca["args"]["arch"]["heads"] == 2
-    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert all(torch.equal(ca[m][k], cb[m][k]) for m in ("model", "ema") for k in ca[m])
     assert [r["train_loss"] for r in _rows(b)] == [r["train_loss"] for r in rows]
     # 2 processes (torchrun, gloo) x 2 accumulated micro-batches x 2 images, stopped in epoch 2 and resumed in one
     # process (4 images x 2): the losses of 1 process x 8 images, the resumed epoch's too
@@ -939,6 +977,11 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     files = [os.path.join(data, "val", "n02", f) for f in sorted(os.listdir(os.path.join(data, "val", "n02")))[:2]]
     lines = _run("--resume", a / "ckpt.pt", "--predict", *files).stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith(f + ": n02 ") for line, f in zip(lines, files)), lines
+    ck = torch.load(a / "ckpt.pt", weights_only=True)  # --predict uses the EMA's weights
+    ck["ema"]["module.head.bias"][0] = 100.0
+    torch.save(ck, tmp_path / "forged.pt")
+    lines = _run("--resume", tmp_path / "forged.pt", "--predict", files[0], "--out-dir", a).stdout.strip().splitlines()
+    assert lines[-1].startswith(files[0] + ": n00 100.0%"), lines
 
 
 def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
@@ -967,10 +1010,12 @@ def test_imagenet_clear_errors(tmp_path):
         f.write("a line without tabs\n")
     torch.save(ViT(img_size=32, patch_size=4, num_classes=5, dim=32, depth=1, heads=2).state_dict(), tmp_path / "w5")
     torch.save({"model": {}, "args": {}, "classes": [], "step": 0}, tmp_path / "cifar.pt")  # e.g. vit_cifar's
-    gone = _imagenet_tree(str(tmp_path / "d6"), tiny=True)
+    gone, extra = _imagenet_tree(str(tmp_path / "d6"), tiny=True), _imagenet_tree(str(tmp_path / "d7"))
+    os.makedirs(os.path.join(extra, "val", "n09"))  # a val class that train/ lacks: no silent subset of val
+    shutil.copy(os.path.join(extra, "val", "n00", "n00_val_0.png"), os.path.join(extra, "val", "n09", "a.png"))
     for name in sorted(os.listdir(os.path.join(gone, "val", "images")))[:11]:  # many; a few are skipped as unreadable
         os.remove(os.path.join(gone, "val", "images", name))
-    cases = {"lists are missing": ["--data-dir", gone],
+    cases = {"lists are missing": ["--data-dir", gone], "1 classes that": ["--data-dir", extra],
              "lacks steps_per_epoch": ["--resume", str(tmp_path / "cifar.pt"), "--eval-only"],
              "is a file": ["--data-dir", good, "--out-dir", str(tmp_path / "w5")],
              "2 or more": ["--data-dir", one_class], "tab-separated": ["--data-dir", tiny],
@@ -1008,9 +1053,18 @@ def test_imagenet_clear_errors(tmp_path):
     import vit_imagenet
     for flags, word in ((["--randaug-mag", "31"], "--randaug-mag must be <= 30"), (["--clip", "nan"], "--clip"),
                         (["--pretrained", "w.pth", "--pool", "cls"], "comes from the weights"),
-                        (["--freeze"], "needs --pretrained"), (["--threads", "100000"], "cores")):
+                        (["--freeze"], "needs --pretrained"), (["--threads", "100000"], "cores"),
+                        (["--lr", "0"], "--lr")):
         code, line = flag_error(vit_imagenet.get_args, ["--data-dir", good, *flags])
         assert code == 2 and word in line, (flags, line)
+    png = os.path.join(good, "train", "n00", "n00_train_0.png")  # the augmentation is a function of (seed, epoch, i)
+    ds = vit_imagenet.Images([(png, 0)], vit_imagenet.transforms(argparse.Namespace(
+        img_size=32, crop_scale=0.05, randaug=2, randaug_mag=10), True), 32, seed=0)
+    a = ds[0][0]
+    ds.epoch = 1
+    b = ds[0][0]
+    ds.epoch = 0
+    assert torch.equal(ds[0][0], a) and not torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
