@@ -337,7 +337,9 @@ def main(argv=None):
             torch.save({'model': model.state_dict(), 'args': vars(args)}, tmp)
             os.replace(tmp, model_path)
         except (OSError, RuntimeError) as e:  # no space, a folder in the way (torch.save raises RuntimeError)
-            sys.exit(f'error: cannot write {model_path}: {str(e).splitlines()[0][:100]}')
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            sys.exit(f'error: cannot write {model_path}: {str(e).splitlines()[0][:100]}; the last one is intact')
     flip = f', {evaluate(model, x_test, y_test, mean, std, amp, flip=True)[1]:.2f} with test-time flip' if tta else ''
     print(f'done: test_acc {test_acc:.2f}{flip} in {fmt_time(time.time() - t0)}; wrote {log_path} and {model_path}')
 

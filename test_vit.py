@@ -392,9 +392,26 @@ def test_mini_short_run(tmp_path):
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     assert ckpt['args']['dim'] == 32 and 'head.weight' in ckpt['model'] and 'blocks.1.attn.qkv.weight' in ckpt['model']
     assert not os.path.exists(str(out / 'model.pt.tmp'))
-    # a second run into the same folder refuses to clobber it (in-process: it stops before loading data)
     sys.path.insert(0, HERE)
     import mini_vit
+    save, calls = torch.save, []
+
+    def torn(obj, f):  # the 2nd epoch's write dies half-way (disk full): the 1st epoch's model.pt stays
+        calls.append(f)
+        if len(calls) == 2:
+            open(f, 'wb').write(b'half')
+            raise OSError(28, 'No space left on device')
+        save(obj, f)
+    tiny = ['--data-dir', str(tmp_path), '--batch-size', '16', '--dim', '32', '--depth', '2', '--heads', '2',
+            '--device', 'cpu', '--optimizer', 'adamw']
+    with unittest.mock.patch.object(torch, 'save', torn):
+        try:
+            mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'torn'), '--epochs', '2', '--warmup', '0'])
+        except SystemExit as e:
+            assert 'cannot write' in str(e.code) and 'intact' in str(e.code), e.code
+    assert torch.load(tmp_path / 'torn' / 'model.pt', weights_only=True)['args']['epochs'] == 2
+    assert not os.path.exists(str(tmp_path / 'torn' / 'model.pt.tmp'))
+    # a second run into the same folder refuses to clobber it (in-process: it stops before loading data)
     try:
         mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(out), '--device', 'cpu'])
         msg = None
@@ -412,8 +429,7 @@ def test_mini_short_run(tmp_path):
     assert msg is not None and msg.startswith('error:') and 'loss became nan' in msg, msg
     assert not os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
     # the same command with a sane lr may run there again: a log.csv of only its header is from a run that stopped
-    tiny = ['--data-dir', str(tmp_path), '--epochs', '1', '--batch-size', '16', '--dim', '32', '--depth', '2',
-            '--heads', '2', '--warmup', '0', '--device', 'cpu', '--optimizer', 'adamw']
+    tiny += ['--epochs', '1', '--warmup', '0']
     mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan')])
     assert os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
     # --overwrite, then a stop in epoch 1: no earlier run's model.pt is left beside the new log
