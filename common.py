@@ -476,6 +476,16 @@ def check_ranges(parser, args, ranges):
         parser.error(f"--threads {args.threads} is more than this machine's {os.cpu_count()} cores")
 
 
+def check_pretrained_flags(parser, args, given, shape_flags):
+    """parser.error for a shape flag beside --pretrained (the weights fix the shape) and for --freeze without it."""
+    shape = [k for k in shape_flags if k in given] if args.pretrained and not args.resume else []
+    if shape:
+        parser.error(f"--{shape[0].replace('_', '-')}: with --pretrained the model's shape comes from the weights "
+                     "(--heads may correct the guess for a file: heads are not in a state_dict)")
+    if args.freeze and not (args.pretrained or args.resume):  # a --resume: the checkpoint's own --freeze
+        parser.error("--freeze trains only the head: it needs --pretrained SOURCE")
+
+
 def check_out_dir(out_dir, resume=None):
     """One error line if out_dir holds another run's files: a ckpt.pt that is not the `resume` file, or a log.csv with
     rows, unless it lies beside the `resume` file. A header alone is from a run that stopped before its first epoch

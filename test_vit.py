@@ -749,6 +749,9 @@ def test_cifar_clear_errors(tmp_path):
                        env=env_off,
                        timeout=300)
     check_error(p, "cifar-10-batches-py", "data_batch_1")
+    # --data-dir at the batches folder itself: a download would land inside it
+    check_error(run_cifar(*base, "--data-dir", os.path.join(data, "cifar-10-batches-py"), ok=False),
+                "the batches folder itself")
     # a truncated batch
     with open(os.path.join(data, "cifar-10-batches-py", "data_batch_3"), "r+b") as f:
         f.truncate(1000)
@@ -768,6 +771,8 @@ def test_cifar_clear_errors(tmp_path):
     check_error(run_cifar("--resume", tmp_path / "missing.pt", ok=False), "missing.pt")
     torch.save({"model": {"w": torch.zeros(1)}, "args": {}, "classes": ["a"]}, bad)
     check_error(run_cifar("--eval-only", "--resume", bad, "--data-dir", data, ok=False), "does not fit")
+    torch.save({"model": {}, "args": None, "classes": None}, bad)
+    check_error(run_cifar("--eval-only", "--resume", bad, ok=False), "no args dict")
     # a diverging run stops at the next log line, before any checkpoint takes NaN weights
     write_cifar10(tmp_path / "data", n_train=80, n_test=20)
     check_error(run_cifar(*base, "--out-dir", tmp_path / "nan", "--lr", "1e30", "--warmup", 0, ok=False),
@@ -988,6 +993,7 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
         for k in ("train_loss", "test_loss"):
             assert abs(float(r[k]) - float(r0[k])) <= 1e-4 * float(r0[k]), (k, r, r0)
     # eval-only reproduces the last epoch's numbers; predict names the top classes
+    assert "its run is complete" in _run("--resume", a / "ckpt.pt").stdout  # nothing left to train
     r = _run("--resume", a / "ckpt.pt", "--eval-only", "--workers", 0)
     assert f"top1 {float(rows[-1]['test_acc']):.2f}%" in r.stdout and f"{float(rows[-1]['test_loss']):.4f}" in r.stdout
     files = [os.path.join(data, "val", "n02", f) for f in sorted(os.listdir(os.path.join(data, "val", "n02")))[:2]]

@@ -111,6 +111,7 @@ def get_args(argv=None):
     args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
     if args.predict and args.pretrained and not args.resume:
         p.error("--predict takes a checkpoint of this script: --resume CKPT (after a fine-tune: <out-dir>/ckpt.pt)")
+    C.check_pretrained_flags(p, args, given, ("model", "patch", "dim", "depth", "mlp_ratio", "pool", "pos_embed"))
     args.ckpt = args.resume or (os.path.join(args.out_dir or os.path.join("runs", args.dataset), "ckpt.pt")
                                 if (args.eval_only and not args.pretrained) or args.predict else None)
     if args.ckpt:  # the checkpoint's args, overridden by those given again on this command line
@@ -133,18 +134,12 @@ def get_args(argv=None):
                                      **{k: getattr(args, k) for k in given if k != "pretrained" or not args.resume}})
         args.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     elif args.pretrained:
-        shape = [k for k in ("model", "patch", "dim", "depth", "mlp_ratio", "pool", "pos_embed") if k in given]
-        if shape:
-            p.error(f"--{shape[0].replace('_', '-')}: with --pretrained the model's shape comes from the weights "
-                    "(--heads may correct the guess for a file: heads are not in a state_dict)")
         C.apply_recipe(args, FINETUNE, given)
     elif args.recipe == "cpu" or args.recipe == "auto" and (args.device == "cpu" or not torch.cuda.is_available()):
         args.recipe = "cpu"  # a 100-epoch run of cifar_s would take days on a CPU; a --model given keeps its sizes
         sizes = ("dim", "heads", "depth") if "model" in given else ()
         C.apply_recipe(args, {k: v for k, v in CPU.items() if k not in sizes}, given)
         print("note: the CPU recipe for the flags not given (--recipe full: the defaults of --help)", flush=True)
-    if args.freeze and not args.pretrained:
-        p.error("--freeze trains only the head: it needs --pretrained SOURCE")
     args.out_dir, args.data_dir = args.out_dir or os.path.join("runs", args.dataset), os.path.abspath(args.data_dir)
     C.check_ranges(p, args, {
         "> 0": "epochs batch_size eval_every log_every lr patch dim depth heads mlp_ratio layer_decay",

@@ -117,12 +117,7 @@ def get_args(argv=None):
     args.arch = args.mean = args.std = None  # the ViT's keyword arguments and the input statistics, saved in ckpt.pt
     if (args.eval_only or args.predict) and not (args.resume or args.pretrained):
         p.error("--eval-only and --predict need --resume CKPT or --pretrained SOURCE")
-    shape = [k for k in ("model", "patch", "depth", "pool", "pos_embed") if k in given]
-    if args.pretrained and not args.resume and shape:
-        p.error(f"--{shape[0].replace('_', '-')}: with --pretrained the model's shape comes from the weights (--heads "
-                "may correct the guess for a file)")
-    if args.freeze and not (args.pretrained or args.resume):  # a --resume: the checkpoint's own --freeze
-        p.error("--freeze trains only the head: it needs --pretrained SOURCE")
+    common.check_pretrained_flags(p, args, given, ("model", "patch", "depth", "pool", "pos_embed"))
     if args.pretrained and not args.resume:
         common.apply_recipe(args, FINETUNE, given)
     if args.resume:
@@ -242,9 +237,12 @@ class Skips:
 
     def __call__(self, bad, good):
         self.bad.update(dict.fromkeys(bad))
-        if bad and (good == 0 or len(self.bad) > max(10, 0.01 * self.total)):
-            common.die(f"{len(self.bad)} of {self.total} images unreadable (e.g. {next(iter(self.bad))}); check "
-                       "--data-dir")
+        if bad:
+            self.check(self.bad, good == 0)
+
+    def check(self, bad, whole_batch=False):
+        if whole_batch or len(bad) > max(10, 0.01 * self.total):
+            common.die(f"{len(bad)} of {self.total} images unreadable (e.g. {next(iter(bad))}); check --data-dir")
 
     def note(self):
         """' | skipped N unreadable (e.g. ...)', N over all processes (every process calls it), or ''; it stops the
@@ -253,8 +251,7 @@ class Skips:
         if self.world > 1:
             dist.all_gather_object(every, list(self.bad), group=self.group)
         bad = dict.fromkeys(b for some in every for b in some)
-        if len(bad) > max(10, 0.01 * self.total):
-            common.die(f"{len(bad)} of {self.total} images unreadable (e.g. {next(iter(bad))}); check --data-dir")
+        self.check(bad)
         return f" | skipped {len(bad)} unreadable (e.g. {next(iter(bad))})" if bad else ""
 
 
