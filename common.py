@@ -392,7 +392,10 @@ class Muon(torch.optim.Optimizer):
                     shapes.setdefault(p.shape, []).append(p)
             for (rows, cols), ps in shapes.items():  # foreach: one call per list, not per tensor
                 grads = [p.grad for p in ps]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                for p in ps:  # (setdefault would make a zero tensor on every step)
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
                 torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
                 upd = orthogonalise(torch.stack(torch._foreach_lerp(grads, bufs, g["momentum"])))  # Nesterov
                 torch._foreach_mul_(ps, 1 - g["lr"] * g["weight_decay"])

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1010,11 +1011,39 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
     data = _imagenet_tree(str(tmp_path / "tiny"), tiny=True)
     with open(os.path.join(data, "train", "n01", "images", "n01_train_0.JPEG"), "wb") as f:
         f.write(b"not a jpeg")  # one unreadable image: skipped and counted
+    os.symlink("..", os.path.join(data, "train", "n01", "images", "up"))  # link loops: each folder is walked once
+    os.symlink(".", os.path.join(data, "train", "n02", "self"))  # (torchvision's make_dataset: 40 times)
     r = _run("--data-dir", data, "--out-dir", tmp_path / "o", "--epochs", 2, "--workers", 1, "--cutmix", 1,
              "--ema", 0.9, *IMNET_TINY)  # each epoch meets the bad image again: still 1
     epochs = [line for line in r.stdout.splitlines() if "train_loss" in line]
     assert "24 train / 12 val images, 3 classes" in r.stdout and all("skipped 1 unreadable" in e for e in epochs)
     assert "ema top1" in r.stdout and len(_rows(tmp_path / "o")) == 2 == len(epochs)
+
+
+def test_loops_apply_label_smoothing_and_clipping(tmp_path):
+    """The training loops pass --label-smoothing to the loss and the clip value to the optimizer step (a dropped one
+    would still train, so no other test would notice). In-process, with spies on the two calls."""
+    sys.path.insert(0, HERE)
+    import vit_cifar
+    import vit_imagenet
+    cifar = ["--data-dir", write_cifar10(tmp_path / "c", n_train=80, n_test=20), "--out-dir", tmp_path / "oc",
+             "--epochs", 1, *CIFAR_TINY, *CIFAR_LIGHT, "--label-smoothing", 0.3, "--clip-grad", 0.7]
+    imnet = [IMAGENET, "--data-dir", _imagenet_tree(str(tmp_path / "i")), "--out-dir", tmp_path / "oi", "--epochs", 1,
+             "--workers", 0, *IMNET_TINY, "--label-smoothing", 0.3, "--clip", 0.7]
+    handlers, threads = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads()
+    for module, argv, steps in ((vit_cifar, ["vit_cifar.py", *cifar], 2), (vit_imagenet, imnet, 3)):
+        with unittest.mock.patch.object(sys, "argv", list(map(str, argv))), \
+                unittest.mock.patch.object(F, "cross_entropy", wraps=F.cross_entropy) as ce, \
+                unittest.mock.patch.object(common, "optimizer_step", wraps=common.optimizer_step) as opt, \
+                contextlib.redirect_stdout(io.StringIO()):
+            module.main()
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):  # main() set its StopFlag's, and --threads
+            signal.signal(s, h)
+        torch.set_num_threads(threads)
+        smooth = [c.kwargs.get("label_smoothing", 0.0) for c in ce.call_args_list]
+        assert smooth.count(0.3) == steps and set(smooth) == {0.0, 0.3}, (module.__name__, smooth)  # 0: test loss
+        clips = [c.args[3] if len(c.args) > 3 else c.kwargs.get("clip") for c in opt.call_args_list]
+        assert clips == [0.7] * steps, (module.__name__, clips)
 
 
 def test_imagenet_clear_errors(tmp_path):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 import common
@@ -163,7 +163,7 @@ def scan(args, need_train=True):
                    f"ImageFolder or TinyImageNet-200 layout); {tr if vd else 'the evaluation folder'} is missing")
     try:
         classes, idx = find_classes(tr)
-        train = make_dataset(tr, idx, EXTS) if need_train else []  # walks sub-folders: TinyImageNet's <wnid>/images/
+        train = images(tr, idx) if need_train else []
         ann = os.path.join(vd, "val_annotations.txt")
         if os.path.isfile(ann):  # TinyImageNet-200: lines "<file>\t<wnid>\t<bbox>", the images in val/images/
             with open(ann) as f:
@@ -178,8 +178,8 @@ def scan(args, need_train=True):
                 common.die(f"{len(gone)} of the {len(val)} images that {ann} lists are missing (e.g. {gone[0]})")
         else:
             unknown = sorted({e.name for e in os.scandir(vd) if e.is_dir()} - set(classes))
-            val = make_dataset(vd, idx, EXTS, allow_empty=True)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images
+            val = images(vd, idx, allow_empty=True)
+    except FileNotFoundError as e:  # no class folders
         common.die(f"{tr}: {str(e).splitlines()[0]}")
     if len(classes) < 2:
         common.die(f"{tr} has {len(classes)} class folder(s): a classifier needs 2 or more")
@@ -188,6 +188,25 @@ def scan(args, need_train=True):
     if not val:
         common.die(f"no images in {vd} (ImageNet's val/ must be sorted into <wnid>/ folders, e.g. by valprep.sh)")
     return train, val, classes
+
+
+def images(folder, idx, allow_empty=False):
+    """[(path, label)] under folder/<class>/**, in torchvision's make_dataset order (sub-folders too: TinyImageNet's
+    <wnid>/images/), but a folder reached twice through links is walked once: a link loop would repeat it 40 times."""
+    out = []
+    for name, label in sorted(idx.items()):
+        walked, seen = [], {os.path.realpath(os.path.join(folder, name))}
+        for d, subs, files in os.walk(os.path.join(folder, name), followlinks=True):
+            fresh = {os.path.realpath(os.path.join(d, s)): s for s in subs}
+            subs[:] = [s for r, s in fresh.items() if r not in seen]  # os.walk descends into these only
+            seen.update(fresh)
+            walked.append((d, files))
+        found = [(os.path.join(d, f), label) for d, files in sorted(walked) for f in sorted(files)
+                 if f.lower().endswith(EXTS)]
+        if not (found or allow_empty):
+            common.die(f"{os.path.join(folder, name)} has no images ({', '.join(EXTS)})")
+        out += found
+    return out
 
 
 class Images(Dataset):
