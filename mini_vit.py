@@ -1,19 +1,13 @@
-"""
-mini_vit.py: train a small Vision Transformer from scratch on MNIST or Fashion-MNIST. One file that needs only torch,
-torchvision and the standard library: copy it anywhere.
+"""mini_vit.py: train a small Vision Transformer from scratch on MNIST or Fashion-MNIST. One file that needs only
+torch, torchvision and the standard library: copy it anywhere.
 
     python mini_vit.py                                   # MNIST, downloaded into ./data when missing
     python mini_vit.py --dataset fashion --data-dir DIR  # reads DIR/FashionMNIST/raw/*-ubyte
-    -> Fashion-MNIST on an idle 2-core AMD EPYC Zen3 VM (torch 2.14.1, fp32): 91.33% test accuracy (91.64% with
-    test-time flip) in 8m43.7s; --seed 1: 90.94% (91.22%) in 7m57.0s; --seed 2: 91.31% (91.45%) in 9m23.7s.
-    MNIST, the same VM: 99.38% in 9m08.6s; --seed 1: 99.30% in 8m56.7s. Laptops: --epochs 4 (Fashion 88.17% in
-    2m13.8s there). A busy CPU: --threads 1 (two threads on two busy cores ran up to 10x slower). More in README.md.
+    -> an idle 2-core AMD EPYC VM, torch 2.14.1, fp32: Fashion-MNIST 91.33% (91.64% with test-time flip) in 8m43.7s,
+    MNIST 99.38% in 9m08.6s. Laptops: --epochs 4 (Fashion 88.17% in 2m13.8s); a busy CPU: --threads 1. More in README.
 
-Defaults: patch 7, dim 64, depth 6, heads 2, mean pooling (0.21M params); Muon for the blocks' weight matrices, AdamW
-for the rest (the model is short of steps here, and Muon makes more of each); shifts of up to 1 px, as longer runs
-overfit without them. Writes <out-dir>/log.csv and model.pt = {'model': state_dict, 'args': vars(args)} with timm's
-names and maths: it loads into common.ViT or timm (strict; timm with fc_norm=False for mean pooling) with the same
-logits. Inputs: (x / 255 - mean) / std.
+model.pt = {'model': state_dict, 'args': vars(args)} has timm's names and maths: it loads into common.ViT or timm
+(strict; timm with fc_norm=False for mean pooling) with the same logits. Inputs: (x / 255 - mean) / std.
 """
 import argparse
 import contextlib
@@ -46,11 +40,10 @@ def get_args(argv=None):
     a('--batch-size', type=int, default=256, help='training batch size')
     a('--lr', type=float, default=4e-3, help="peak learning rate (AdamW's and Muon's)")
     a('--optimizer', default='muon', choices=['muon', 'adamw'],
-      help="muon: Muon for the blocks' weight matrices, AdamW for the rest; adamw: AdamW for all")
+      help="muon: Muon on the blocks' weight matrices (more from few steps), AdamW on the rest; adamw: AdamW on all")
     a('--weight-decay', type=float, default=0.05, help='weight decay on matrices (not biases/norms/pos_embed)')
     a('--warmup', type=float, default=0.5, help='linear warmup length in epochs, then cosine decay to 0')
-    a('--label-smoothing', type=float, default=0.1, help='cross-entropy label smoothing (in the logged train loss, '
-      'not in the test loss)')
+    a('--label-smoothing', type=float, default=0.1, help='label smoothing (in the logged train loss, not test loss)')
     a('--patch-size', type=int, default=7, help='patch side in pixels; must divide 28 (7: 16 tokens)')
     a('--dim', type=int, default=64, help='embedding width')
     a('--depth', type=int, default=6, help='transformer blocks')
@@ -58,7 +51,7 @@ def get_args(argv=None):
     a('--mlp-ratio', type=float, default=2.0, help='MLP hidden width / dim')
     a('--pool', default='mean', choices=['cls', 'mean'], help='classify from the class token or the mean token')
     a('--drop-path', type=float, default=0.0, help='stochastic depth rate (same for every block)')
-    a('--translate', type=int, default=1, help='random shift by up to N pixels (zero padding), N < 28')
+    a('--translate', type=int, default=1, help='random shift by up to N px (zero padding) against overfitting; N < 28')
     a('--hflip', default='auto', choices=['auto', 'on', 'off'], help='random horizontal flip; auto: fashion only')
     a('--tta', default='auto', choices=['auto', 'on', 'off'], help='at the end, also the accuracy of the mean logits '
       'of each test image and its mirror image (per epoch: plain, at half the cost); auto: when training flips')
@@ -67,31 +60,30 @@ def get_args(argv=None):
     a('--threads', type=int, default=0, help='CPU threads; 0: torch default (one per core). 1 is faster on a busy CPU')
     a('--log-every', type=float, default=30.0, help='seconds between progress lines within an epoch (0: every step)')
     args = p.parse_args(argv)
-    for names, rule, ok in (('epochs batch_size dim depth heads patch_size lr mlp_ratio', '> 0', lambda v: v > 0),
+    for names, rule, ok in (('epochs batch_size dim depth lr mlp_ratio', '> 0', lambda v: v > 0),
                             ('weight_decay log_every', '>= 0', lambda v: v >= 0),
                             ('label_smoothing drop_path', 'in [0, 1)', lambda v: 0 <= v < 1),
                             ('warmup', 'in [0, --epochs]', lambda v: 0 <= v <= args.epochs),
+                            ('patch_size', 'a divisor of 28: 1, 2, 4, 7, 14 or 28', lambda v: v > 0 and IMG % v == 0),
+                            ('heads', f'a divisor of --dim {args.dim}', lambda v: v > 0 and args.dim % v == 0),
                             ('translate', 'in [0, 28)', lambda v: 0 <= v < IMG),
                             ('threads', f'in [0, {os.cpu_count()}] (the cores)', lambda v: 0 <= v <= os.cpu_count()),
                             ('seed', 'in [0, 2**32)', lambda v: 0 <= v < 2 ** 32)):
         for n in names.split():
             if not (math.isfinite(getattr(args, n)) and ok(getattr(args, n))):
-                p.error(f"--{n.replace('_', '-')} {getattr(args, n)} is out of range: it must be finite {rule}")
-    if IMG % args.patch_size:
-        p.error(f'--patch-size {args.patch_size} must divide the image side {IMG} (1, 2, 4, 7, 14 or 28)')
-    if args.dim % args.heads:
-        p.error(f'--dim {args.dim} must be divisible by --heads {args.heads}')
+                p.error(f"--{n.replace('_', '-')} {getattr(args, n)} is out of range: it must be finite and {rule}")
     if not 1 <= args.dim * args.mlp_ratio < 2 ** 20:
         p.error(f'--mlp-ratio {args.mlp_ratio} x --dim {args.dim}: the MLP needs 1 to 2**20 hidden units')
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda but CUDA is not available (use --device cpu)')
     args.device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     args.out_dir = args.out_dir.replace('<dataset>', args.dataset)
+    if not args.out_dir.strip():
+        p.error('--out-dir is empty')
     return args
 
+
 # ----------------------------------------------------------------------------------------------------------- data
-
-
 def load_data(args):
     """Both splits as uint8 (N, 28, 28) images and int64 labels, read (or downloaded) by torchvision."""
     cls, out = DATASETS[args.dataset], []
@@ -134,9 +126,8 @@ def augment(x, translate, hflip):
 def to_input(x, mean, std):
     return ((x.float() / 255 - mean) / std).unsqueeze(1)  # (B, 28, 28) uint8 -> (B, 1, 28, 28) float
 
+
 # ---------------------------------------------------------------------------------------------------------- model
-
-
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -189,9 +180,8 @@ class ViT(nn.Module):
         x = self.norm(self.blocks(x + self.pos_embed))
         return self.head(x[:, 0] if self.pool == 'cls' else x.mean(dim=1))
 
+
 # ------------------------------------------------------------------------------------------------------ optimizer
-
-
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's maths (adjust_lr_fn='match_rms_adamw': AdamW's lr and weight decay carry over): momentum whose
     update of each weight matrix is made semi-orthogonal (Jordan et al. 2024). In fp32, batched over the matrices of a
@@ -207,7 +197,10 @@ class Muon(torch.optim.Optimizer):
                 shapes.setdefault(p.shape, []).append(p)
             for (rows, cols), ps in shapes.items():  # foreach: one call per list, not per tensor
                 grads = [p.grad for p in ps]
-                bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in ps]
+                for p in ps:  # (setdefault would make a zero tensor on every step)
+                    if 'momentum_buffer' not in self.state[p]:
+                        self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+                bufs = [self.state[p]['momentum_buffer'] for p in ps]
                 torch._foreach_lerp_(bufs, grads, 1 - g['momentum'])
                 upd = orthogonalise(torch.stack(torch._foreach_lerp(grads, bufs, g['momentum'])))  # Nesterov
                 torch._foreach_mul_(ps, 1 - g['lr'] * g['weight_decay'])
@@ -224,9 +217,8 @@ def orthogonalise(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
 
+
 # ----------------------------------------------------------------------------------------------------------- main
-
-
 def get_lr(step, total_steps, warmup_steps, peak):
     """Linear warmup from ~0 to peak, then cosine to 0: a pure function of the step."""
     if step < warmup_steps:
@@ -334,7 +326,7 @@ def main(argv=None):
                     f'{time.time() - t0:.1f}\n')
         tmp = model_path + '.tmp'  # write then rename: a crash never leaves a half-written model.pt
         try:
-            torch.save({'model': model.state_dict(), 'args': vars(args)}, tmp)
+            torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()}, 'args': vars(args)}, tmp)
             os.replace(tmp, model_path)
         except (OSError, RuntimeError) as e:  # no space, a folder in the way (torch.save raises RuntimeError)
             with contextlib.suppress(OSError):
