@@ -230,7 +230,8 @@ def from_torchvision(state_dict):
     return out
 
 
-HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the published ViTs' heads by width (a state_dict lacks them)
+HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1152: 16, 1280: 16, 1408: 16, 1664: 16}  # published ViTs' heads by width
+# (a state_dict lacks them): Ti, S, B, L, SO400M, H, g, G
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -238,7 +239,7 @@ def read_pretrained(source):
     """(timm-named state_dict, info) from a torchvision weights name ('vit_b_16', 'vit_l_16:IMAGENET1K_SWAG_E2E_V1'),
     or a file: a torchvision or timm ViT state_dict, or a checkpoint of this project. CheckpointError on failure."""
     info = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, classes=None, arch={}, style="torchvision")
-    if os.path.isfile(source):
+    if os.path.exists(source):  # a folder too: load_checkpoint says so
         obj = load_checkpoint(source, required=())
         if isinstance(obj, dict) and isinstance(obj.get("args"), dict) and "model" in obj:  # this project's ckpt
             a = obj["args"]
@@ -253,8 +254,9 @@ def read_pretrained(source):
         import torchvision.models as tvm
         name, _, tag = source.partition(":")
         try:
-            enum = tvm.get_model_weights(name)
-            weights = enum[tag or "DEFAULT"]
+            if not name.startswith("vit_"):  # a ResNet's weights would be fetched, then refused
+                raise KeyError(name)
+            weights = tvm.get_model_weights(name)[tag or "DEFAULT"]
         except (ValueError, KeyError):
             vits = [n for n in tvm.list_models() if n.startswith("vit_")]
             raise CheckpointError(f"--pretrained {source}: no such file, nor torchvision ViT weights (names: "
@@ -292,10 +294,15 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
         raise CheckpointError(f"{source} takes {w.shape[1]}-channel images; these scripts train on RGB (3 channels)")
     dim, patch, prefix = w.shape[0], w.shape[-1], int("cls_token" in sd)
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix) if "pos_embed" in sd else None
+    rows = sd["pos_embed"].shape[1] - prefix if "pos_embed" in sd else 0
+    grid = math.isqrt(rows) if rows else None
+    if rows and grid * grid != rows:
+        raise CheckpointError(f"{source}: its pos_embed has {rows + prefix} rows, not {prefix} + a square grid (extra "
+                              "tokens such as DeiT's dist_token or timm's reg_tokens are not supported)")
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * dim  # SwiGLU: none
+    ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim  # int(dim * ratio) == hidden
     arch = dict(img_size=grid * patch if grid else 224, patch_size=patch, in_chans=w.shape[1], dim=dim, depth=depth,
-                heads=HEADS.get(dim, max(1, dim // 64)), qkv_bias="blocks.0.attn.qkv.bias" in sd,
-                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
+                heads=HEADS.get(dim, max(1, dim // 64)), qkv_bias="blocks.0.attn.qkv.bias" in sd, mlp_ratio=ratio,
                 pool="cls" if prefix else "mean", pos_embed="learn" if grid else "sincos")
     arch.update({k: v for k, v in info.pop("arch").items() if k in arch and v is not None})
     if overrides.get("heads", arch["heads"]) != arch["heads"] and (info["style"] == "this project" or
@@ -304,6 +311,8 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
     arch.update({k: overrides.pop(k) for k in list(overrides) if k in arch})  # heads=: not in a state_dict
     info.update(img_size=arch["img_size"], source=source)
     num_classes = len(sd.get("head.bias", ())) if num_classes is None else num_classes  # None: the weights' own
+    if not num_classes:
+        raise CheckpointError(f"{source} has no classifier head: fine-tune it on your classes first")
     arch["img_size"] = img_size or arch["img_size"]
     try:
         model = ViT(num_classes=num_classes, **arch, **overrides)
@@ -551,8 +560,10 @@ def decode_rgb(path):
         if not os.path.isfile(path):
             raise FileNotFoundError("not a file, or missing")
         img = decode_image(path, mode=ImageReadMode.RGB)
+        if img.shape[-2] * img.shape[-1] > 178956970:  # PIL's decompression-bomb limit: GBs as floats
+            raise ValueError(f"{img.shape[-1]}x{img.shape[-2]} pixels, over the 179M that these scripts read")
     except Exception as e:  # torchvision's messages start with "<function>, <file>.cpp:<line>, "
-        why = re.sub(r"^\w+, \S+:\d+, ", "", (str(e).splitlines() or [type(e).__name__])[0])
+        why = re.sub(r"^[^,]+, \S+:\d+, ", "", (str(e).splitlines() or [type(e).__name__])[0])
         raise ValueError(f"cannot read image {path}: {why.split('. ')[0][:100]}") from None
     return to_dtype(img[0] if img.ndim == 4 else img, torch.uint8, scale=True)  # GIF: 1st frame; uint8: no-op
 
@@ -581,7 +592,10 @@ def save_checkpoint(obj, path):
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # no space, no permission (torch.save raises RuntimeError)
-        die(f"cannot write {path} ({str(e).splitlines()[0][:150]}); the previous checkpoint, if any, is intact")
+        if os.path.exists(tmp):  # a partial file takes the space the user must free
+            os.remove(tmp)
+        die(f"cannot write {path} ({str(e).splitlines()[0][:150]}: no space left?); the previous checkpoint, if any, "
+            "is intact")
 
 
 def load_checkpoint(path, required=("model",)):
@@ -589,10 +603,12 @@ def load_checkpoint(path, required=("model",)):
         raise CheckpointError(f"checkpoint {path} " + ("is a folder: give the ckpt.pt in it" if os.path.isdir(path)
                                                        else "not found"))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the args of timm's and DeiT's checkpoints
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
-                              f"({type(e).__name__})") from None
+        why = ("it holds Python objects, not only tensors (a whole pickled model? save its state_dict())"
+               if "Unsupported global" in str(e) else f"corrupt, truncated or not a torch file ({type(e).__name__})")
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of this script")
@@ -643,13 +659,18 @@ class Logger:
     def __call__(self, msg):
         if self.enabled:
             print(msg, flush=True)
-            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
+            self._append("log.txt", lambda f: f.write(msg + "\n"))
 
     def row(self, **values):
         if self.enabled:
-            with open(os.path.join(self.out_dir, "log.csv"), "a", newline="") as f:
-                csv.writer(f).writerow([values[c] for c in self.columns])
+            self._append("log.csv", lambda f: csv.writer(f).writerow([values[c] for c in self.columns]))
+
+    def _append(self, name, write):
+        try:
+            with open(os.path.join(self.out_dir, name), "a", newline="") as f:
+                write(f)
+        except OSError as e:  # a full disk mid-run
+            die(f"cannot write {os.path.join(self.out_dir, name)}: {e.strerror or e}; ckpt.pt holds the last save")
 
 
 class StopFlag:
@@ -691,12 +712,15 @@ def plot_curves(csv_path, png_path):
     except ImportError:
         return print("matplotlib not installed: skipped curves.png")
     with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["test_acc"]]
-    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
+        rows = list(csv.DictReader(f))
+    col = lambda k: ([float(r["epoch"]) for r in rows if r[k]], [float(r[k]) for r in rows if r[k]])  # noqa: E731
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(col("epoch"), col("train_loss"), label="train")
-    ax1.plot(col("epoch"), col("test_loss"), label="test")
-    ax2.plot(col("epoch"), col("test_acc"))
+    ax1.plot(*col("train_loss"), marker=".", label="train")  # every epoch; test: the evaluated ones
+    ax1.plot(*col("test_loss"), marker=".", label="test")
+    ax2.plot(*col("test_acc"), marker=".")
     ax1.set(xlabel="epoch", title="loss"), ax2.set(xlabel="epoch", title="test accuracy %"), ax1.legend()
-    fig.savefig(png_path, dpi=100)
+    try:
+        fig.savefig(png_path, dpi=100)
+    except OSError as e:  # the run itself is done and saved
+        print(f"cannot write {png_path}: {e.strerror or e}")
     plt.close(fig)

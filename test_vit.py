@@ -233,12 +233,16 @@ def test_decode_rgb_16bit_gif_and_errors(tmp_path):
     assert g16.dtype == torch.uint8 and g16.shape == (3, 8, 8) and g16.max() == 63000 // 256  # the top 8 bits
     assert gif.shape == (3, 8, 8) and gif[0].float().mean() > 200 and gif[2].float().mean() < 50
     (tmp_path / "empty.png").write_bytes(b"")
-    for name, words in (("none.png", "not a file"), ("empty.png", "non empty"), ("", "not a file")):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    Image.new("1", (13400, 13400)).save(tmp_path / "bomb.png")  # 2 KB on disk, 180M pixels: 2 GB as floats
+    for name, words in (("none.png", "not a file"), ("empty.png", "non empty"), ("", "not a file"),
+                        ("cut.png", "cut.png: "), ("bomb.png", "over the 179M")):
         try:
             common.read_image(str(tmp_path / name), 16)
             raise AssertionError(f"{name} read")
         except ValueError as e:
-            assert words in str(e) and ".cpp" not in str(e), str(e)
+            assert words in str(e) and ".cpp" not in str(e) and "operator" not in str(e), str(e)
 
 
 def test_evaluate_counts_top1_top5():
@@ -283,7 +287,16 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             raise AssertionError("a failed save went unnoticed")
         except SystemExit:
             pass
-    assert common.load_checkpoint(path)["step"] == 7
+    assert common.load_checkpoint(path)["step"] == 7 and not os.path.exists(path + ".tmp")  # its space is free
+    log = common.Logger(str(tmp_path / "logdir"), ["epoch"])
+    os.remove(tmp_path / "logdir" / "log.txt")
+    os.makedirs(tmp_path / "logdir" / "log.txt")  # a write that fails mid-run (a full disk): one line, not a traceback
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            log("ep 1")
+            raise AssertionError("a failed log write went unnoticed")
+        except SystemExit as e:
+            assert e.code == 2 and "error: cannot write" in err.getvalue() and "log.txt" in err.getvalue()
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
@@ -548,7 +561,7 @@ def test_mini_bad_flags(tmp_path):
            (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads'),
            (['--seed', '-1'], 'seed'), (['--warmup', '1e308'], 'warmup'), (['--translate', '28'], 'translate'),
            (['--mlp-ratio', '0.001'], 'mlp-ratio'), (['--log-every', '-1'], 'log-every'),
-           (['--threads', str(10 ** 5)], 'threads')]  # a huge --threads made torch segfault
+           (['--threads', str(10 ** 5)], 'threads'), (['--out-dir', ''], 'out-dir')]  # huge --threads: a segfault
     if not torch.cuda.is_available():
         bad.append((['--device', 'cuda'], 'CUDA'))
     for flags, word in bad:
@@ -851,13 +864,35 @@ def test_pretrained_clear_errors(tmp_path):
     torch.save({**sd, "fc_norm.weight": torch.ones(128)}, tmp_path / "extra.pth")  # e.g. timm's avg-pool ViTs
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     torch.save(ViT(img_size=28, patch_size=7, in_chans=1, dim=32, depth=1, heads=2).state_dict(), tmp_path / "gray.pth")
+    swiglu = {k.replace("mlp.fc1", "mlp.fc1_g"): v for k, v in sd.items()}  # e.g. EVA-02: no mlp.fc1
+    torch.save({**swiglu, **{k.replace("fc1", "fc1_x"): v for k, v in sd.items() if "fc1" in k}}, tmp_path / "glu.pth")
+    torch.save({**sd, "pos_embed": torch.zeros(1, 1 + 16 + 4, 128)}, tmp_path / "reg.pth")  # 4 register tokens
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a whole pickled module
+    torch.save({k: v for k, v in sd.items() if not k.startswith("head.")}, tmp_path / "headless.pth")
+    os.makedirs(tmp_path / "folder.pth")
     for src, words in (("resnet.pth", ["not a ViT state_dict", "conv1.weight"]), ("extra.pth", ["fc_norm.weight"]),
-                       ("junk.pth", ["corrupt"]), ("vit_zz_99", ["vit_b_16"]), ("gray.pth", ["1-channel"])):
+                       ("junk.pth", ["corrupt"]), ("vit_zz_99", ["vit_b_16"]), ("gray.pth", ["1-channel"]),
+                       ("glu.pth", ["does not fit", "fc1_"]), ("reg.pth", ["reg_tokens"]),
+                       ("module.pth", ["state_dict()"]), ("folder.pth", ["is a folder"]),
+                       ("resnet50", ["no such file, nor torchvision ViT weights"]),  # not fetched: not a ViT
+                       ("headless.pth", ["no classifier head"])):
         try:
-            common.load_pretrained(str(tmp_path / src) if src.endswith(".pth") else src, 10)
+            common.load_pretrained(str(tmp_path / src) if src.endswith(".pth") else src,
+                                   None if src == "headless.pth" else 10, img_size=64 if src == "reg.pth" else None)
             raise AssertionError(f"{src} loaded")
         except common.CheckpointError as e:
             assert all(w in str(e) for w in words), (src, str(e))
+    # these load: a timm / DeiT training checkpoint (its args an argparse.Namespace); an MLP width that int(dim *
+    # (hidden / dim)) rounds down (959); a published width whose heads are not dim // 64 (SO400M: 1152, 16 heads)
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1)}, tmp_path / "timm_train.pth.tar")
+    odd = ViT(img_size=16, patch_size=8, dim=704, depth=1, heads=11, mlp_ratio=960.5 / 704)
+    torch.save(odd.state_dict(), tmp_path / "odd.pth")
+    torch.save(ViT(img_size=16, patch_size=8, dim=1152, depth=1, heads=16, mlp_ratio=0.25).state_dict(),
+               tmp_path / "so400m.pth")
+    assert common.load_pretrained(str(tmp_path / "timm_train.pth.tar"), 5)[1]["head_kept"]
+    assert odd.blocks[0].mlp.fc1.out_features == 960 and int(704 * (960 / 704)) == 959
+    assert common.load_pretrained(str(tmp_path / "odd.pth"), 10, heads=11)[0].blocks[0].mlp.fc1.out_features == 960
+    assert common.load_pretrained(str(tmp_path / "so400m.pth"), 10)[1]["arch"]["heads"] == 16
 
 
 def test_pretrained_torchvision_name_cached_and_offline(tmp_path):

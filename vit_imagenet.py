@@ -510,18 +510,19 @@ def main():
             test_loss, top1, top5 = evaluate(model, val_dl, prep, autocast, skips, world, device)
             ema_top1 = evaluate(ema.module, val_dl, prep, autocast, skips, world, device)[1] if ema else 0
             elapsed, n, note = time.time() - t_start, (steps - s0) * B, skips.note()
-            log(f"ep {epoch + 1}/{args.epochs} | train_loss {train_loss:.4f} | test_loss {test_loss:.4f} | top1 "
-                f"{top1:.2f}% | top5 {top5:.2f}%" + (f" | ema top1 {ema_top1:.2f}%" if ema else "") +
-                f" | {rate(n / train_time)} img/s | data {100 * wait / train_time:.0f}% | {common.fmt_time(elapsed)}"
-                + note)
-            log.row(epoch=epoch + 1, train_loss=train_loss, test_loss=test_loss, test_acc=top1, test_acc5=top5, lr=lr,
-                    img_per_s=round(n / train_time, 1), elapsed_s=round(elapsed, 1))
         if rank == 0 and (done or stopping):  # the unwrapped, uncompiled module's weights
             common.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None, "step": step,
                                     "optimizer": [o.state_dict() for o in opts], "scaler": scaler.state_dict(),
                                     "epoch": step // steps, "steps_per_epoch": steps, "rank_loss": 0.0 if done else
                                     loss_sum.item() / world, "elapsed": time.time() - t_start, "classes": classes,
                                     "args": vars(args)}, ckpt_path)
+        if done:  # after the save: a failed save adds no row that a resume would add again
+            log(f"ep {epoch + 1}/{args.epochs} | train_loss {train_loss:.4f} | test_loss {test_loss:.4f} | top1 "
+                f"{top1:.2f}% | top5 {top5:.2f}%" + (f" | ema top1 {ema_top1:.2f}%" if ema else "") +
+                f" | {rate(n / train_time)} img/s | data {100 * wait / train_time:.0f}% | {common.fmt_time(elapsed)}"
+                + note)
+            log.row(epoch=epoch + 1, train_loss=train_loss, test_loss=test_loss, test_acc=top1, test_acc5=top5, lr=lr,
+                    img_per_s=round(n / train_time, 1), elapsed_s=round(elapsed, 1))
         s0 = 0
         if (stopping or agreed(bool(stop))) and step < total:
             del it  # ends the workers now
