@@ -315,7 +315,9 @@ def main():
         try:
             for k, m in models.items():
                 C.load_weights(m, ck[k], f"checkpoint's {k}")
-            x = torch.stack([C.read_image(f, size) for f in args.predict or []] or [torch.zeros(3, 32, 32)])
+            # at CIFAR's 32 px, then prep() resizes as in training: a photo straight to 224 px is sharper than the
+            # upsampled CIFAR images a fine-tuned model saw
+            x = torch.stack([C.read_image(f, 32) for f in args.predict or []] or [torch.zeros(3, 32, 32)])
         except (C.CheckpointError, ValueError) as e:
             C.die(str(e))
         if args.predict:  # EMA weights when there are, test-time flip
