@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.nn as nn
@@ -239,7 +239,7 @@ def read_pretrained(source):
     """(timm-named state_dict, info) from a torchvision weights name ('vit_b_16', 'vit_l_16:IMAGENET1K_SWAG_E2E_V1'),
     or a file: a torchvision or timm ViT state_dict, or a checkpoint of this project. CheckpointError on failure."""
     info = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, classes=None, arch={}, style="torchvision")
-    if os.path.exists(source):  # a folder too: load_checkpoint says so
+    if os.path.isfile(source):
         obj = load_checkpoint(source, required=())
         if isinstance(obj, dict) and isinstance(obj.get("args"), dict) and "model" in obj:  # this project's ckpt
             a = obj["args"]
@@ -258,6 +258,8 @@ def read_pretrained(source):
                 raise KeyError(name)
             weights = tvm.get_model_weights(name)[tag or "DEFAULT"]
         except (ValueError, KeyError):
+            if os.path.isdir(source):
+                raise CheckpointError(f"--pretrained {source} is a folder: give the weights file in it") from None
             vits = [n for n in tvm.list_models() if n.startswith("vit_")]
             raise CheckpointError(f"--pretrained {source}: no such file, nor torchvision ViT weights (names: "
                                   f"{', '.join(vits)}; tags such as {name}:IMAGENET1K_V1)") from None
@@ -294,11 +296,7 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
         raise CheckpointError(f"{source} takes {w.shape[1]}-channel images; these scripts train on RGB (3 channels)")
     dim, patch, prefix = w.shape[0], w.shape[-1], int("cls_token" in sd)
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    rows = sd["pos_embed"].shape[1] - prefix if "pos_embed" in sd else 0
-    grid = math.isqrt(rows) if rows else None
-    if rows and grid * grid != rows:
-        raise CheckpointError(f"{source}: its pos_embed has {rows + prefix} rows, not {prefix} + a square grid (extra "
-                              "tokens such as DeiT's dist_token or timm's reg_tokens are not supported)")
+    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix) if "pos_embed" in sd else None
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * dim  # SwiGLU: none
     ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim  # int(dim * ratio) == hidden
     arch = dict(img_size=grid * patch if grid else 224, patch_size=patch, in_chans=w.shape[1], dim=dim, depth=depth,
@@ -311,15 +309,16 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
     arch.update({k: overrides.pop(k) for k in list(overrides) if k in arch})  # heads=: not in a state_dict
     info.update(img_size=arch["img_size"], source=source)
     num_classes = len(sd.get("head.bias", ())) if num_classes is None else num_classes  # None: the weights' own
-    if not num_classes:
-        raise CheckpointError(f"{source} has no classifier head: fine-tune it on your classes first")
     arch["img_size"] = img_size or arch["img_size"]
     try:
         model = ViT(num_classes=num_classes, **arch, **overrides)
     except ValueError as e:
         raise CheckpointError(f"--pretrained {source}: {e}") from None
     if grid and grid != model.patch_embed.grid:
-        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.patch_embed.grid, prefix)
+        try:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.patch_embed.grid, prefix)
+        except ValueError as e:  # e.g. DeiT's dist_token or register tokens: more rows than a square grid
+            raise CheckpointError(f"{source}: {e}; these scripts load plain ViTs (no extra tokens)") from None
     own = model.state_dict()
     info["head_kept"] = "head.weight" in sd and sd["head.weight"].shape == own["head.weight"].shape and not (
         info["style"] == "this project" and classes and info["classes"] and list(info["classes"]) != list(classes))
@@ -328,6 +327,8 @@ def load_pretrained(source, num_classes, img_size=None, classes=None, **override
               **{k: v for k, v in own.items() if k.startswith("head.")}}
         info["classes"] = None
     load_weights(model, sd, f"{source} ({info['style']} weights)")
+    if not num_classes:
+        raise CheckpointError(f"{source} has no classifier head: fine-tune it on your classes first")
     info["arch"] = arch
     return model, info
 
@@ -554,14 +555,19 @@ def evaluate(model, batches, autocast=nullcontext, flip=False):
 
 def decode_rgb(path):
     """An image file (JPEG, PNG, GIF, WEBP) as uint8 (3, H, W) RGB, 16-bit PNGs scaled; else a one-line ValueError."""
+    from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import to_dtype
     try:
         if not os.path.isfile(path):
             raise FileNotFoundError("not a file, or missing")
+        try:
+            Image.open(path).close()  # the header only: PIL refuses a decompression bomb (> 179M pixels, GBs) here
+        except Image.DecompressionBombError as e:
+            raise ValueError(str(e).split(",")[0]) from None  # "Image size (N pixels) exceeds limit of M pixels"
+        except Exception:  # decode_image says what else is wrong
+            pass
         img = decode_image(path, mode=ImageReadMode.RGB)
-        if img.shape[-2] * img.shape[-1] > 178956970:  # PIL's decompression-bomb limit: GBs as floats
-            raise ValueError(f"{img.shape[-1]}x{img.shape[-2]} pixels, over the 179M that these scripts read")
     except Exception as e:  # torchvision's messages start with "<function>, <file>.cpp:<line>, "
         why = re.sub(r"^[^,]+, \S+:\d+, ", "", (str(e).splitlines() or [type(e).__name__])[0])
         raise ValueError(f"cannot read image {path}: {why.split('. ')[0][:100]}") from None
@@ -592,10 +598,10 @@ def save_checkpoint(obj, path):
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # no space, no permission (torch.save raises RuntimeError)
-        if os.path.exists(tmp):  # a partial file takes the space the user must free
+        with suppress(OSError):  # a partial file takes the space the user must free
             os.remove(tmp)
-        die(f"cannot write {path} ({str(e).splitlines()[0][:150]}: no space left?); the previous checkpoint, if any, "
-            "is intact")
+        why = str(e).splitlines()[0][:150] + ("" if isinstance(e, OSError) else ": no space left?")  # torch's words
+        die(f"cannot write {path} ({why}); the previous checkpoint, if any, is intact")
 
 
 def load_checkpoint(path, required=("model",)):
