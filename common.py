@@ -420,7 +420,7 @@ def orthogonalise(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X if wide else X.mT
+    return X if wide else X.mT.contiguous()  # as the weights' strides: torch._foreach_add_'s fast path
 
 
 @torch.no_grad()
@@ -545,7 +545,7 @@ def evaluate(model, batches, autocast=nullcontext, flip=False):
                 logits = (logits + model(x.flip(-1)).float()) / 2
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         s = torch.stack([F.cross_entropy(logits, y, reduction="sum"), (top5[:, 0] == y).sum(),
-                         (top5 == y[:, None]).any(1).sum(), torch.tensor(len(y), device=y.device)]).double()
+                         (top5 == y[:, None]).any(1).sum(), torch.full((), len(y), device=y.device)]).double()
         sums = s if sums is None else sums + s
     model.train(was_training)
     if sums is None:  # an empty shard still takes part in the all_reduce

@@ -445,7 +445,7 @@ def main():
     mixers = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mixers) if mixers else None
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True) if world > 1 else None
+              gradient_as_bucket_view=True, broadcast_buffers=False) if world > 1 else None  # a fixed sincos buffer
     net = torch.compile(ddp if ddp else model) if args.compile else ddp if ddp else model  # DDP first, then compile
     log = common.Logger(args.out_dir, COLUMNS, append=bool(args.resume), enabled=rank == 0)
     log(f"vit_imagenet | {world} process(es) x {micro} images x {A} accum = batch {B} | {device} {prec} | "
