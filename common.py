@@ -7,6 +7,7 @@ F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 """
 import argparse
 import csv
+import io
 import math
 import operator
 import os
@@ -556,18 +557,19 @@ def evaluate(model, batches, autocast=nullcontext, flip=False):
 def decode_rgb(path):
     """An image file (JPEG, PNG, GIF, WEBP) as uint8 (3, H, W) RGB, 16-bit PNGs scaled; else a one-line ValueError."""
     from PIL import Image
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image, read_file
     from torchvision.transforms.v2.functional import to_dtype
     try:
         if not os.path.isfile(path):
             raise FileNotFoundError("not a file, or missing")
+        data = read_file(path)  # read once: PIL looks at the header in memory, decode_image decodes the same bytes
         try:
-            Image.open(path).close()  # the header only: PIL refuses a decompression bomb (> 179M pixels, GBs) here
+            Image.open(io.BytesIO(data.numpy())).close()  # PIL refuses a decompression bomb (> 179M pixels) here
         except Image.DecompressionBombError as e:
             raise ValueError(str(e).split(",")[0]) from None  # "Image size (N pixels) exceeds limit of M pixels"
         except Exception:  # decode_image says what else is wrong
             pass
-        img = decode_image(path, mode=ImageReadMode.RGB)
+        img = decode_image(data, mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision's messages start with "<function>, <file>.cpp:<line>, "
         why = re.sub(r"^[^,]+, \S+:\d+, ", "", (str(e).splitlines() or [type(e).__name__])[0])
         raise ValueError(f"cannot read image {path}: {why.split('. ')[0][:100]}") from None

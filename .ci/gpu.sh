@@ -4,9 +4,9 @@
 #   the device:   run(carry=["gpu"], command="bash .ci/gpu.sh start 540"), then run(command="bash .ci/gpu.sh wait 540")
 #                 again until it prints ALL DONE. Each call brings back $OUT/logs.tgz, every log so far.
 # The jobs run in a process session of their own (setsid), so they outlive each 10-minute call; a machine stays warm
-# only ~30 s after a call, so make the next call at once. Order (~25 min on one H100): mini_vit on Fashion-MNIST and on
-# MNIST, alone; then side by side three 100-epoch CIFAR-10 runs with Muon (lr 4e-4 and 1e-3 with --compile, lr 1e-3
-# with --compile reduce-overhead: the two compile modes on one recipe) and a CUDA resume check (straight == resumed).
+# only ~30 s after a call, so make the next call at once. Order (planned for ~25 min; not yet run): mini_vit on
+# Fashion-MNIST and on MNIST, alone; then side by side three 100-epoch CIFAR-10 runs with Muon (lr 4e-4 and 1e-3 with
+# --compile, lr 1e-3 with --compile reduce-overhead: the two compile modes on one recipe) and a CUDA resume check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 L=/tmp/gpu_logs D=/tmp/gpu_data R=/tmp/gpu_runs
@@ -63,7 +63,7 @@ jobs)
     { time python3 vit_cifar.py --data-dir $D --optimizer muon --eval-every 5 --out-dir $R/$1 "${@:2}"; } \
       > $L/cifar_$1.log 2>&1 &
   done
-  S="--data-dir $D --device cuda --recipe cpu --epochs 2 --eval-every 2"  # the small model: ~1 min
+  S="--data-dir $D --device cuda --recipe cpu --epochs 2 --eval-every 2"  # the CPU recipe's small model
   { python3 vit_cifar.py $S --out-dir $R/straight && python3 vit_cifar.py $S --out-dir $R/resumed --interrupt-at 1000
     python3 vit_cifar.py --resume $R/resumed/ckpt.pt && python3 -c "import sys, torch
 a, b = (torch.load(f'$R/{d}/ckpt.pt', map_location='cpu')['model'] for d in ('straight', 'resumed'))
