@@ -15,7 +15,8 @@ MNIST=https://files.pythonhosted.org/packages/be/d1/6db83a78917574d10bdbfa61c1d5
 
 wait_for() {  # up to $1 s for the jobs; then a summary, and every log so far (the runs' too) into $OUT/logs.tgz
   local t=0 pid
-  pid=$(cat $L/driver.pid 2>/dev/null) || { echo "no jobs on this machine (a fresh one?): bash .ci/gpu.sh start"; exit 1; }
+  pid=$(cat $L/driver.pid 2>/dev/null) ||
+    { echo "no jobs on this machine (a fresh one?): bash .ci/gpu.sh start"; exit 1; }
   while ! grep -q "ALL DONE" $L/driver.log && kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$1" ]; do
     sleep 10; t=$((t + 10))
   done
