@@ -215,7 +215,7 @@ def orthogonalise(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X if wide else X.mT
+    return X if wide else X.mT.contiguous()  # as the weights' strides: torch._foreach_add_'s fast path
 
 
 # ----------------------------------------------------------------------------------------------------------- main

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import unittest
 import unittest.mock
 
@@ -265,6 +266,41 @@ def test_evaluate_counts_top1_top5():
     assert math.isclose(loss, F.cross_entropy(torch.tensor([[2., 0, 2]]), torch.tensor([2])).item(), rel_tol=1e-6)
     empty = common.evaluate(torch.nn.Linear(7, 7), [])  # a rank with no validation images still all_reduces
     assert empty.tolist() == [0, 0, 0, 0] and empty.dtype == torch.float64
+
+
+def test_plot_curves_every_epoch_and_errors(tmp_path):
+    """curves.png: the train loss of every epoch, the test numbers of the evaluated epochs; no matplotlib, or a write
+    that fails, is one line and the finished run stands. A fake matplotlib records the calls (CI has none)."""
+    path, png, plots = tmp_path / "log.csv", str(tmp_path / "curves.png"), {}
+    path.write_text("epoch,train_loss,test_loss,test_acc\n1,2.0,,\n2,1.5,1.4,50.0\n3,1.2,,\n")
+
+    class Ax:
+        def __init__(self, name):
+            self.name = name
+
+        def plot(self, x, y, **kw):
+            plots[self.name, kw.get("label")] = (x, y)
+
+        def set(self, **kw):
+            pass
+
+        def legend(self):
+            pass
+
+    class Fig:
+        def savefig(self, *a, **kw):
+            raise OSError(28, "No space left on device")
+    plt = types.ModuleType("matplotlib.pyplot")
+    plt.subplots, plt.close = lambda *a, **kw: (Fig(), (Ax("loss"), Ax("acc"))), lambda fig: None
+    mpl = types.ModuleType("matplotlib")
+    mpl.use, mpl.pyplot = lambda name: None, plt
+    for mods, words in (({"matplotlib": mpl, "matplotlib.pyplot": plt}, "cannot write " + png),
+                        ({"matplotlib": None}, "matplotlib not installed")):
+        with unittest.mock.patch.dict(sys.modules, mods), contextlib.redirect_stdout(io.StringIO()) as out:
+            common.plot_curves(str(path), png)
+        assert words in out.getvalue(), out.getvalue()
+    assert plots == {("loss", "train"): ([1.0, 2.0, 3.0], [2.0, 1.5, 1.2]), ("loss", "test"): ([2.0], [1.4]),
+                     ("acc", None): ([2.0], [50.0])}, plots
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
