@@ -1150,7 +1150,10 @@ def test_imagenet_clear_errors(tmp_path):
              "unreadable": ["--data-dir", bad_images, "--out-dir", str(tmp_path / "p"), "--workers", "0"],
              "divisible": ["--data-dir", bad_images, "--batch-size", "6", "--accum-steps", "4"],
              "loss became nan": ["--data-dir", good, "--out-dir", str(tmp_path / "nan"), "--lr", "1e30", "--warmup",
-                                 "0", "--workers", "0"]}  # diverged: stops before saving
+                                 "0", "--workers", "0"],  # diverged: stops before saving
+             "cannot write": ["--data-dir", good, "--out-dir", str(tmp_path / "full"), "--epochs", "1", "--workers",
+                              "0"]}  # the epoch's save fails (a folder where its temp file goes)
+    os.makedirs(tmp_path / "full" / "ckpt.pt.tmp")
     driver = ("import contextlib, io, json, sys\n"
               f"sys.path.insert(0, {HERE!r})\n"
               "import vit_imagenet\n"
@@ -1171,6 +1174,8 @@ def test_imagenet_clear_errors(tmp_path):
     for (message, argv), (code, err) in zip(cases.items(), json.loads(r.stdout.strip().splitlines()[-1])):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
+    with open(tmp_path / "full" / "log.csv") as f:  # no row for an epoch whose save failed: a resume repeats it
+        assert len(f.read().splitlines()) == 1
     sys.path.insert(0, HERE)
     import vit_imagenet
     for flags, word in ((["--randaug-mag", "31"], "--randaug-mag must be <= 30"), (["--clip", "nan"], "--clip"),
