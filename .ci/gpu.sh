@@ -54,7 +54,7 @@ jobs)
   for f in gpu/mnist/*.gz; do gunzip -c "$f" > "$D/MNIST/raw/$(basename "$f" .gz)"; done
   M="--patch-size 4 --dim 256 --depth 6 --heads 4 --mlp-ratio 2 --batch-size 512 --lr 2e-3 --warmup 3 --translate 2"
   # beside them: the default 0.21M-param model and a 0.80M one (dim 128) at patch 4; in 20 epochs on the CPU they
-  # reached 92.18% and 92.85% on Fashion-MNIST; the first 99.58% on MNIST
+  # reached 92.18% and 92.85% on Fashion-MNIST, 99.58% and 99.56% on MNIST
   for run in "fashion_p4 --dataset fashion" "fashion_p4_d128 --dataset fashion --dim 128 --heads 4" \
       "mnist_p4 --dataset mnist" "mnist_p4_d128 --dataset mnist --dim 128 --heads 4"; do
     set -- $run
