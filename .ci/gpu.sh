@@ -3,8 +3,9 @@
 #   here, once:   bash .ci/gpu.sh pack      # fills gpu/ (git-ignored, ~60 MB): the offline data and MNIST's idx files
 #   the device:   run(carry=["gpu"], command="bash .ci/gpu.sh start 540"), then run(command="bash .ci/gpu.sh wait 540")
 #                 again until it prints ALL DONE. Each call brings back $OUT/logs.tgz, every log so far.
+#   after an edit: bash .ci/gpu.sh dry     # the same plan on this CPU (~20 min, venv active): every command runs
 # The jobs run in a process session of their own (setsid), so they outlive each 10-minute call; a machine stays warm
-# only ~30 s after a call, so make the next call at once. Order (planned for ~25 min; not yet run): mini_vit on
+# only ~30 s after a call, so make the next call at once. Order (planned for ~25 min; not yet run on a GPU): mini_vit on
 # Fashion-MNIST, then on MNIST (beside them, in turn, four smaller models at patch 4); then side by side three
 # 100-epoch CIFAR-10 runs (Muon at lr 1e-3 with --compile and with --compile reduce-overhead: the two compile modes on
 # one recipe; a published small-ViT recipe with AdamW and MixUp/CutMix) and a CUDA resume check.
@@ -50,8 +51,9 @@ jobs)
   export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-  python3 gpu/prepare.py $D && mkdir -p $D/MNIST/raw
-  for f in gpu/mnist/*.gz; do gunzip -c "$f" > "$D/MNIST/raw/$(basename "$f" .gz)"; done
+  G=${GPU_DIR:-gpu}  # dry: tiny data
+  python3 $G/prepare.py $D && mkdir -p $D/MNIST/raw
+  for f in $G/mnist/*.gz; do gunzip -c "$f" > "$D/MNIST/raw/$(basename "$f" .gz)"; done
   M="--patch-size 4 --dim 256 --depth 6 --heads 4 --mlp-ratio 2 --batch-size 512 --lr 2e-3 --warmup 3 --translate 2"
   # beside them: the default 0.21M-param model and a 0.80M one (dim 128) at patch 4; in 20 epochs on the CPU they
   # reached 92.18% and 92.85% on Fashion-MNIST, 99.58% and 99.56% on MNIST
@@ -86,6 +88,24 @@ print('resume on CUDA, straight vs resumed: max |weight difference|', max((a[k] 
   } > $L/resume.log 2>&1 || true
   wait
   echo "$(date +%T) ALL DONE" ;;
+dry)  # tiny data in the real formats (test_vit's), and a python3 that swaps CUDA for the CPU, --interrupt-at 1000 for
+  # 12 (in epoch 2 of the tiny set) and 100 epochs of vit_cifar for 2: the commands, not the numbers, are checked
+  G=/tmp/gpu_dry PY=$(command -v python3) && rm -rf $G $L $D $R && mkdir -p $G/mnist $G/bin
+  PYTHONPATH=$PWD "$PY" -c "import gzip, os, sys, tempfile, test_vit as T
+t = tempfile.mkdtemp(); T._write_tiny_mnist(t, n_train=512, n_test=128)
+for f in os.listdir(f'{t}/MNIST/raw'):
+    gzip.open(f'$G/mnist/{f}.gz', 'wb').write(open(f'{t}/MNIST/raw/{f}', 'rb').read())"
+  printf '%s\n' "import sys, test_vit as T" "T.write_cifar10(sys.argv[1], 640, 200)" \
+    "T._write_tiny_mnist(sys.argv[1], 'FashionMNIST', 512, 128)" > $G/prepare.py
+  printf '#!/bin/sh\necho "name, memory.total, driver_version"; echo "none: a dry run, 0, 0"\n' > $G/bin/nvidia-smi
+  cat > $G/bin/python3 <<'EOF'
+#!/usr/bin/env bash
+a=(); for x in "$@"; do [ "$x" = cuda ] && x=cpu; [ "$x" = 1000 ] && x=12; a+=("$x"); done
+case "$1" in mini_vit.py | vit_cifar.py) a+=(--threads 1) ;; esac  # several runs share the cores
+[[ $1 = vit_cifar.py && " $* " != *" --epochs "* && " $* " != *" --resume "* ]] && a+=(--epochs 2 --recipe full)
+exec "$DRY_PY" "${a[@]}"
+EOF
+  chmod +x $G/bin/* && DRY_PY=$PY GPU_DIR=$G PYTHONPATH=$PWD PATH=$G/bin:$PATH bash "$0" start "${2:-2400}" ;;
 *)
-  sed -n 2,9p "$0"; exit 2 ;;
+  sed -n 2,11p "$0"; exit 2 ;;
 esac
