@@ -3,7 +3,7 @@
 #   here, once:   bash .ci/gpu.sh pack      # fills gpu/ (git-ignored, ~60 MB): the offline data and MNIST's idx files
 #   the device:   run(carry=["gpu"], command="bash .ci/gpu.sh start 540"), then run(command="bash .ci/gpu.sh wait 540")
 #                 again until it prints ALL DONE. Each call brings back $OUT/logs.tgz, every log so far.
-#   after an edit: bash .ci/gpu.sh dry     # the same plan on this CPU (~20 min, venv active): every command runs
+#   after an edit: bash .ci/gpu.sh dry     # the same plan on this CPU (20-26 min, venv active): every command runs
 # The jobs run in a process session of their own (setsid), so they outlive each 10-minute call; a machine stays warm
 # only ~30 s after a call, so make the next call at once. Order (planned for ~25 min; not yet run on a GPU): mini_vit on
 # Fashion-MNIST, then on MNIST (beside them, in turn, five smaller runs at patch 4); then side by side three
@@ -93,10 +93,8 @@ print('resume on CUDA, straight vs resumed: max |weight difference|', max((a[k] 
 dry)  # tiny data in the real formats (test_vit's), and a python3 that swaps CUDA for the CPU, --interrupt-at 1000 for
   # 12 (in epoch 2 of the tiny set) and 100 epochs of vit_cifar for 2: the commands, not the numbers, are checked
   G=/tmp/gpu_dry PY=$(command -v python3) && rm -rf $G $L $D $R && mkdir -p $G/mnist $G/bin
-  PYTHONPATH=$PWD "$PY" -c "import gzip, os, sys, tempfile, test_vit as T
-t = tempfile.mkdtemp(); T._write_tiny_mnist(t, n_train=512, n_test=128)
-for f in os.listdir(f'{t}/MNIST/raw'):
-    gzip.open(f'$G/mnist/{f}.gz', 'wb').write(open(f'{t}/MNIST/raw/{f}', 'rb').read())"
+  PYTHONPATH=$PWD "$PY" -c "import test_vit as T; T._write_tiny_mnist('$G', n_train=512, n_test=128)"
+  for f in $G/MNIST/raw/*; do gzip -c "$f" > "$G/mnist/$(basename "$f").gz"; done  # as pack leaves MNIST
   printf '%s\n' "import sys, test_vit as T" "T.write_cifar10(sys.argv[1], 640, 200)" \
     "T._write_tiny_mnist(sys.argv[1], 'FashionMNIST', 512, 128)" > $G/prepare.py
   printf '#!/bin/sh\necho "name, memory.total, driver_version"; echo "none: a dry run, 0, 0"\n' > $G/bin/nvidia-smi
