@@ -480,8 +480,16 @@ def test_mini_short_run(tmp_path):
     assert not os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
     # the same command with a sane lr may run there again: a log.csv of only its header is from a run that stopped
     tiny += ['--epochs', '1', '--warmup', '0']
-    mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan')])
+    mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan'), '--rotate', '10', '--scale', '0.1'])  # + affine path
     assert os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
+    # the affine path: a near-zero rotation and zoom, no shift, resamples each pixel at its own centre; shifts move
+    # the ink by up to --translate px, not more
+    x = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    x[:, 10:18, 12:16] = 255
+    assert (mini_vit.augment(x, 0, False, 1e-9, 1e-9) - x).abs().max() < 0.01
+    y = mini_vit.augment(x, 2, False, 1e-9, 1e-9)
+    assert y.dtype == torch.float32 and y.shape == x.shape and 0 <= y.min() and y.max() <= 255.01
+    assert not torch.allclose(y, x.float()) and (y[:, 8:20, 10:18].sum((1, 2)) - 255 * 32).abs().max() < 1
     # --overwrite, then a stop in epoch 1: no earlier run's model.pt is left beside the new log
     try:
         mini_vit.main(tiny + ['--out-dir', str(out), '--overwrite', '--lr', '1e30'])
@@ -596,6 +604,7 @@ def test_mini_bad_flags(tmp_path):
            'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing'),
            (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads'),
            (['--seed', '-1'], 'seed'), (['--warmup', '1e308'], 'warmup'), (['--translate', '28'], 'translate'),
+           (['--rotate', '181'], 'rotate'), (['--scale', '1'], 'scale'),
            (['--mlp-ratio', '0.001'], 'mlp-ratio'), (['--log-every', '-1'], 'log-every'),
            (['--threads', str(10 ** 5)], 'threads'), (['--out-dir', ''], 'out-dir')]  # huge --threads: a segfault
     if not torch.cuda.is_available():
