@@ -6,7 +6,8 @@ torch, torchvision and the standard library: copy it anywhere.
     -> an idle 2-core AMD EPYC VM, torch 2.14.1, fp32: Fashion-MNIST 91.33% (91.64% with test-time flip) in 8m43.7s,
     MNIST 99.38% in 9m08.6s. Laptops: --epochs 4 (Fashion 88.17% in 2m13.8s); a busy CPU: --threads 1. More time:
     --patch-size 4 --translate 2 --epochs 20 (MNIST 99.58% in 21m48.457s); the same with --epochs 40 --rotate 10
-    --scale 0.1: 99.62% in 60m36.803s (--seed 1: 99.54% in 70m30.674s). More in README.
+    --scale 0.1: 99.62% in 60m36.803s (--seed 1: 99.54% in 70m30.674s; without --rotate / --scale, seeds 0 and 1:
+    99.56% and 99.55%, so no gain shown). More in README.
 
 model.pt = {'model': state_dict, 'args': vars(args)} has timm's names and maths: it loads into common.ViT or timm
 (strict; timm with fc_norm=False for mean pooling) with the same logits. Inputs: (x / 255 - mean) / std.
