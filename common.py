@@ -165,11 +165,14 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x):
-        """Softmax attention of every block, (depth, B, heads, N, N), computed explicitly (SDPA returns none)."""
-        x, maps = self.embed(x), []
+        """Softmax attention of every block, (depth, B, heads, N, N), computed explicitly (SDPA returns none); in eval
+        mode whatever the model's, as drop-path would thin the network at random."""
+        was, maps = self.training, []
+        x = self.eval().embed(x)
         for blk in self.blocks:
             x, attn = blk(x, return_attn=True)
             maps.append(attn)
+        self.train(was)
         return torch.stack(maps)
 
 
@@ -594,7 +597,11 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(obj, path):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    """Atomic: a crash mid-write leaves the previous checkpoint intact; so do weights gone NaN or inf, which a step
+    with a finite loss but an overflowing gradient can leave (the scripts' loss checks cannot see them)."""
+    w = [v for v in obj.get("model", {}).values() if v.is_floating_point()]
+    if w and not torch.stack([v.isfinite().all() for v in w]).all():  # one host sync
+        die(f"the model's weights became NaN or inf; {path} is not overwritten: try a lower --lr or a longer --warmup")
     tmp = f"{path}.tmp"
     try:
         torch.save(obj, tmp)
@@ -682,17 +689,21 @@ class Logger:
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM set it: the loop finishes its step, saves and exits; a second signal stops at once."""
+    """Ctrl-C / SIGTERM set it: the loop finishes its step, saves and exits; a second signal stops at once, but for a
+    SIGTERM within 5 s of the first: torchrun forwards a scheduler's SIGTERM that each of its workers also got."""
 
     def __init__(self, verbose=True):
-        self.reasons, self.verbose = [], verbose  # signal names, or a script's own reasons such as --stop-after
+        self.reasons, self.verbose, self.t = [], verbose, -math.inf  # reasons: signal names, or e.g. --stop-after
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self)
 
     def __call__(self, signum, _):
+        if self.reasons and signum == signal.SIGTERM and time.time() - self.t < 5:
+            return  # torchrun's copy of the SIGTERM that also reached this process
         if self.reasons:
             raise KeyboardInterrupt
         self.reasons.append(signal.Signals(signum).name)
+        self.t = time.time()
         if self.verbose:
             print(f"{self.reasons[0]}: stopping after this step (again to stop at once)", flush=True)
 

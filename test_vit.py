@@ -121,6 +121,10 @@ def test_attention_maps_shape_and_rows_sum_to_one():
     assert maps.shape == (2, 5, 2, 17, 17)
     assert torch.allclose(maps.sum(-1), torch.ones(2, 5, 2, 17), atol=1e-5)
     assert (maps >= 0).all() and maps.std() > 0  # not uniform: the random weights give real attention
+    m = randomize(ViT(img_size=32, patch_size=8, num_classes=3, dim=32, depth=3, heads=2, drop_path=0.5), std=0.2)
+    x = torch.randn(5, 3, 32, 32)
+    a = m.train().attention_maps(x)  # in training mode: drop-path must not thin the network the maps come from
+    assert m.training and torch.equal(a, m.eval().attention_maps(x))
 
 
 def test_mean_pool_and_sincos():
@@ -324,6 +328,15 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         except SystemExit:
             pass
     assert common.load_checkpoint(path)["step"] == 7 and not os.path.exists(path + ".tmp")  # its space is free
+    bad = {k: v.clone() for k, v in m.state_dict().items()}
+    bad["head.weight"][0, 0] = float("nan")  # diverged weights (a finite loss, an inf gradient): the old file stays
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            common.save_checkpoint({"model": bad, "step": 8}, path)
+            raise AssertionError("NaN weights were saved")
+        except SystemExit as e:
+            assert e.code == 2 and "NaN or inf" in err.getvalue() and len(err.getvalue().splitlines()) == 1
+    assert common.load_checkpoint(path)["step"] == 7
     log = common.Logger(str(tmp_path / "logdir"), ["epoch"])
     os.remove(tmp_path / "logdir" / "log.txt")
     os.makedirs(tmp_path / "logdir" / "log.txt")  # a write that fails mid-run (a full disk): one line, not a traceback
@@ -1098,6 +1111,50 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
     epochs = [line for line in r.stdout.splitlines() if "train_loss" in line]
     assert "24 train / 12 val images, 3 classes" in r.stdout and all("skipped 1 unreadable" in e for e in epochs)
     assert "ema top1" in r.stdout and len(_rows(tmp_path / "o")) == 2 == len(epochs)
+    val = os.path.join(data, "val")  # sorted into val/<wnid>/ as many guides do, val_annotations.txt left there
+    for line in open(os.path.join(val, "val_annotations.txt")):
+        f, wnid = line.split("\t")[:2]
+        os.makedirs(os.path.join(val, wnid), exist_ok=True)
+        os.replace(os.path.join(val, "images", f), os.path.join(val, wnid, f))
+    os.rmdir(os.path.join(val, "images"))
+    r = _run("--resume", tmp_path / "o" / "ckpt.pt", "--eval-only", "--workers", 0)
+    assert f"top1 {float(_rows(tmp_path / 'o')[-1]['test_acc']):.2f}%" in r.stdout, r.stdout
+
+
+def test_stop_flag_takes_torchruns_copy_of_a_sigterm_as_one():
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            stop = common.StopFlag()
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, then torchrun's copy: one stop at the step's end
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert stop and stop.reasons == ["SIGTERM"]
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # any other second signal stops at once
+                time.sleep(1)
+                raise AssertionError("a second signal did not stop at once")
+            except KeyboardInterrupt:
+                pass
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
+            signal.signal(s, h)
+
+
+def test_imagenet_evaluate_skips_a_batch_of_unreadable_images():
+    import vit_imagenet  # a short last batch whose one image is unreadable: skipped and counted, not a stop
+    m, cpu = ViT(img_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2), torch.device("cpu")
+    dl = [(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1]), ["a.jpg: truncated"]),
+          (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), ["b.jpg: truncated"])]
+    skips, prep = vit_imagenet.Skips(100, 1, None), lambda x: x.float() / 255
+    loss, top1, top5 = vit_imagenet.evaluate(m, dl, prep, contextlib.nullcontext, skips, 1, cpu)
+    assert list(skips.bad) == ["a.jpg: truncated", "b.jpg: truncated"] and top5 == 100.0 and math.isfinite(loss)
+    with contextlib.redirect_stderr(io.StringIO()) as err:  # none readable at all: one line, not a division by 0
+        try:
+            vit_imagenet.evaluate(m, dl[1:], prep, contextlib.nullcontext, vit_imagenet.Skips(100, 1, None), 1, cpu)
+            raise AssertionError("an evaluation of no image went on")
+        except SystemExit as e:
+            assert e.code == 2 and "none of the evaluation images" in err.getvalue(), err.getvalue()
 
 
 def test_loops_apply_label_smoothing_and_clipping(tmp_path):

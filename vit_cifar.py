@@ -208,7 +208,7 @@ def augment(x, gen, args, mean):
     x = x.float() / 255
     trivial = args.policy == "trivial"
     op = torch.randint(0, 13, (B,), generator=gen, device=dev) if trivial else torch.zeros(B, device=dev)
-    mag = r(B) * torch.where(r(B) < 0.5, -1.0, 1.0)  # signed magnitude in (-1, 1), TrivialAugment-Wide ranges below
+    mag = r(B) * torch.where(r(B) < 0.5, -1.0, 1.0)  # signed, in (-1, 1); ranges below: narrower than TA-Wide's
     # the padded crop, the flip and the geometric ops as one affine map per sample: (B, 2, 3) in [-1, 1] units
     shift = torch.randint(-4, 5, (B, 2), generator=gen, device=dev) * 2 / 32  # pad 4 + crop 32
     flip = torch.where(r(B) < 0.5, -1.0, 1.0)
@@ -435,7 +435,7 @@ def main():
                     os.kill(os.getpid(), signal.SIGTERM)
                 if step % args.log_every == 0 or batch == spe - 1 or stop:
                     k, now, lsum = step - s_log, time.time(), float(run_loss)  # float(): the host waits here
-                    if not math.isfinite(lsum):  # checked before every save, so ckpt.pt never holds NaN weights
+                    if not math.isfinite(lsum):  # checked before every save; C.save_checkpoint checks the weights
                         C.die(f"the training loss became {lsum} by step {step} (lr {lr:.1e}); stopped, " +
                               (f"{ckpt_path} keeps the last good state" if os.path.exists(ckpt_path) else
                                "nothing saved") + ": try a lower --lr or a longer --warmup")

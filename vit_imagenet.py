@@ -165,7 +165,8 @@ def scan(args, need_train=True):
         classes, idx = find_classes(tr)
         train = images(tr, idx) if need_train else []
         ann = os.path.join(vd, "val_annotations.txt")
-        if os.path.isfile(ann):  # TinyImageNet-200: lines "<file>\t<wnid>\t<bbox>", the images in val/images/
+        if os.path.isfile(ann) and os.path.isdir(os.path.join(vd, "images")):  # TinyImageNet-200 (not sorted into
+            # val/<wnid>/ as many guides do, leaving the file): lines "<file>\t<wnid>\t<bbox>", images in val/images/
             with open(ann) as f:
                 rows = [line.rstrip("\r\n").split("\t")[:2] for line in f if line.strip()]
             bad = next((i for i, r in enumerate(rows) if len(r) < 2), None)
@@ -249,7 +250,7 @@ def collate(batch):
 
 class Skips:
     """Unreadable images met by this process, each counted once (every epoch meets it again); many (more than 10 and
-    1% of all `total` images, or a whole batch) stop the run."""
+    1% of all `total` images, or a whole training batch) stop the run."""
 
     def __init__(self, total, world, group):
         self.bad, self.total, self.world, self.group = {}, total, world, group  # 'path: reason' in order seen
@@ -335,12 +336,15 @@ def evaluate(model, dl, prep, autocast, skips, world, device):
     """(loss, top-1 %, top-5 %) over the whole val set: each process sums its unpadded shard, then all_reduce."""
     def batches():
         for x, y, bad in start(dl):
-            skips(bad, len(y))
-            yield prep(x), y.to(device, non_blocking=True)
+            skips(bad, 1)  # a batch of unreadable images only (a short last one) is skipped: the count stops a run
+            if len(y):
+                yield prep(x), y.to(device, non_blocking=True)
     sums = common.evaluate(model, batches(), autocast)  # zeros for an empty shard
     if world > 1:
         dist.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
+    if not n:  # every image unreadable, but too few for the count to stop the run
+        common.die("none of the evaluation images could be read; check --data-dir")
     return loss / n, 100 * top1 / n, 100 * top5 / n
 
 
