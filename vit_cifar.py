@@ -89,7 +89,7 @@ def get_args(argv=None):
       f"recipe {FINETUNE} for the flags not given; the model's shape comes from the weights")
     a("--recipe", default="auto", choices=["auto", "full", "cpu"], help="full: the defaults shown here (for a GPU); "
       f"cpu: {CPU} for the flags not given, but a --model given keeps its sizes (2 CPU cores: ~79%% in ~25 min); "
-      "auto: cpu when the device is a CPU")
+      "auto: cpu when the device is a CPU; not used with --resume (the run's own) or --pretrained (its recipe)")
     a("--freeze", action="store_true", help="train only the new head (a linear probe; recipe lr 1e-3, drop-path 0)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay per block from the head down (1: off)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
