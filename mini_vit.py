@@ -332,10 +332,10 @@ def main(argv=None):
                 show(epoch, loss_sum.item() / (i + 1), (i + 1) * bs / (t_log - t_epoch))
         img_s = steps_per_epoch * bs / (time.time() - t_epoch)  # training only, not evaluation
         train_loss = loss_sum.item() / steps_per_epoch
-        what = f'the training loss became {train_loss}' if not math.isfinite(train_loss) else 'the weights became NaN'
         if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in model.parameters()):  # inf gradients
-            sys.exit(f'error: {what} in epoch {epoch} (lr {lr:.1e}); stopped without '
-                     'saving weights: try a lower --lr or a longer --warmup')
+            what = 'weights became NaN or inf' if math.isfinite(train_loss) else f'training loss became {train_loss}'
+            sys.exit(f'error: the {what} in epoch {epoch} (lr {lr:.1e}); stopped without saving weights: try a lower '
+                     '--lr or a longer --warmup')
         test_loss, test_acc = evaluate(model, x_test, y_test, mean, std, amp)
         show(epoch, train_loss, img_s, f'test_loss {test_loss:.4f} | test_acc {test_acc:.2f} | ')
         with open(log_path, 'a') as f:

@@ -491,6 +491,21 @@ def test_mini_short_run(tmp_path):
         msg = str(e.code)
     assert msg is not None and msg.startswith('error:') and 'loss became nan' in msg, msg
     assert not os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
+    step, calls = mini_vit.Muon.step, []
+
+    def poison(self):  # the epoch's last step leaves NaN weights behind a finite loss (an inf gradient): no save
+        step(self)
+        calls.append(1)
+        if len(calls) == 512 // 16:
+            self.param_groups[0]['params'][0].data.fill_(float('nan'))
+    with unittest.mock.patch.object(mini_vit.Muon, 'step', poison):
+        try:
+            mini_vit.main(tiny[:-2] + ['--out-dir', str(tmp_path / 'nanw'), '--epochs', '1', '--warmup', '0'])
+            msg = None
+        except SystemExit as e:
+            msg = str(e.code)
+    assert msg is not None and 'weights became NaN or inf in epoch 1' in msg, msg
+    assert not os.path.exists(str(tmp_path / 'nanw' / 'model.pt'))
     # the same command with a sane lr may run there again: a log.csv of only its header is from a run that stopped
     tiny += ['--epochs', '1', '--warmup', '0']
     mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan'), '--rotate', '10', '--scale', '0.1'])  # + affine path

@@ -255,10 +255,10 @@ class Skips:
     def __init__(self, total, world, group):
         self.bad, self.total, self.world, self.group = {}, total, world, group  # 'path: reason' in order seen
 
-    def __call__(self, bad, good):
+    def __call__(self, bad, whole_batch=False):
         self.bad.update(dict.fromkeys(bad))
         if bad:
-            self.check(self.bad, good == 0)
+            self.check(self.bad, whole_batch)
 
     def check(self, bad, whole_batch=False):
         if whole_batch or len(bad) > max(10, 0.01 * self.total):
@@ -336,7 +336,7 @@ def evaluate(model, dl, prep, autocast, skips, world, device):
     """(loss, top-1 %, top-5 %) over the whole val set: each process sums its unpadded shard, then all_reduce."""
     def batches():
         for x, y, bad in start(dl):
-            skips(bad, 1)  # a batch of unreadable images only (a short last one) is skipped: the count stops a run
+            skips(bad)  # a batch of unreadable images only (a short last one) is skipped: the count stops a run
             if len(y):
                 yield prep(x), y.to(device, non_blocking=True)
     sums = common.evaluate(model, batches(), autocast)  # zeros for an empty shard
@@ -480,7 +480,7 @@ def main():
                 t = time.time()
                 x, y, bad = next(it)
                 wait += time.time() - t
-                skips(bad, len(y))
+                skips(bad, whole_batch=not len(y))  # no image to train on
                 x, y = prep(x), y.to(device, non_blocking=True)
                 x, y = mix(x, y) if mix else (x, y)  # y: class ids, or soft targets after MixUp/CutMix
                 with ddp.no_sync() if ddp and a < A - 1 else nullcontext():  # all-reduce on the last only
