@@ -511,9 +511,10 @@ def check_out_dir(out_dir, resume=None):
     if os.path.exists(ckpt) and not (resume and os.path.samefile(ckpt, resume)):
         die(f"{ckpt} exists: continue it with --resume {ckpt}, or pick another --out-dir")
     if os.path.isfile(log) and not (resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out_dir)):
-        with open(log) as f:
-            if sum(1 for line in f if line.strip()) > 1:
-                die(f"{log} holds an earlier run's rows: move it away, or pick another --out-dir")
+        with open(log, "rb") as f:  # bytes: a file of another encoding is refused, not a traceback
+            lines = [line for line in f if line.strip()]
+        if len(lines) > 1 or lines and lines[0].split(b",")[0].strip() != b"epoch":  # ours start with "epoch"
+            die(f"{log} holds an earlier run's rows or another file: move it away, or pick another --out-dir")
 
 
 def given_args(parser, argv=None):

@@ -260,8 +260,9 @@ def evaluate(model, x, y, mean, std, amp, flip=False):
 def main(argv=None):
     args, t0 = get_args(argv), time.time()
     log_path, model_path = os.path.join(args.out_dir, 'log.csv'), os.path.join(args.out_dir, 'model.pt')
-    rows = sum(1 for line in open(log_path) if line.strip()) if os.path.isfile(log_path) else 0  # a header alone:
-    if not args.overwrite and (os.path.exists(model_path) or rows > 1):  # a run stopped in its 1st epoch, may go
+    header = 'epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s'  # alone in log.csv: a run stopped in its
+    ours = os.path.isfile(log_path) and open(log_path, 'rb').read().strip() == header.encode()  # 1st epoch, may go
+    if not args.overwrite and (os.path.exists(model_path) or os.path.exists(log_path) and not ours):
         sys.exit(f'error: {args.out_dir} already holds log.csv / model.pt; pass --overwrite or another --out-dir')
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -301,7 +302,7 @@ def main(argv=None):
         if os.path.isfile(model_path):  # --overwrite: no earlier run's weights beside this run's log
             os.remove(model_path)
         with open(log_path, 'w') as f:
-            f.write('epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s\n')
+            f.write(header + '\n')
     except OSError as e:  # read-only, a file in the way, no space
         sys.exit(f'error: cannot write {log_path}: {e.strerror or e}; pick another --out-dir')
     step, t_train = 0, time.time()
@@ -328,27 +329,30 @@ def main(argv=None):
             loss_sum += loss.detach()  # stays on the device: no sync per step
             step += 1
             if time.time() - t_log > args.log_every and i + 1 < steps_per_epoch:
-                t_log = time.time()
-                show(epoch, loss_sum.item() / (i + 1), (i + 1) * bs / (t_log - t_epoch))
+                loss_avg, t_log = loss_sum.item() / (i + 1), time.time()  # the sync first: CUDA runs behind
+                show(epoch, loss_avg, (i + 1) * bs / (t_log - t_epoch))
+        train_loss = loss_sum.item() / steps_per_epoch  # a sync: the clock reads after the epoch's last step ran
         img_s = steps_per_epoch * bs / (time.time() - t_epoch)  # training only, not evaluation
-        train_loss = loss_sum.item() / steps_per_epoch
         if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in model.parameters()):  # inf gradients
             what = 'weights became NaN or inf' if math.isfinite(train_loss) else f'training loss became {train_loss}'
             sys.exit(f'error: the {what} in epoch {epoch} (lr {lr:.1e}); stopped without saving weights: try a lower '
                      '--lr or a longer --warmup')
         test_loss, test_acc = evaluate(model, x_test, y_test, mean, std, amp)
         show(epoch, train_loss, img_s, f'test_loss {test_loss:.4f} | test_acc {test_acc:.2f} | ')
-        with open(log_path, 'a') as f:
-            f.write(f'{epoch},{train_loss:.4f},{test_loss:.4f},{test_acc:.2f},{lr:.3e},{img_s:.1f},'
-                    f'{time.time() - t0:.1f}\n')
-        tmp = model_path + '.tmp'  # write then rename: a crash never leaves a half-written model.pt
+        tmp, what = model_path + '.tmp', model_path  # write then rename: a crash never leaves a half-written model.pt
         try:
             torch.save({'model': {k: v.cpu() for k, v in model.state_dict().items()}, 'args': vars(args)}, tmp)
             os.replace(tmp, model_path)
+            what = log_path  # after the save: no row without its weights
+            with open(log_path, 'a') as f:
+                f.write(f'{epoch},{train_loss:.4f},{test_loss:.4f},{test_acc:.2f},{lr:.3e},{img_s:.1f},'
+                        f'{time.time() - t0:.1f}\n')
         except (OSError, RuntimeError) as e:  # no space, a folder in the way (torch.save raises RuntimeError)
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            sys.exit(f'error: cannot write {model_path}: {str(e).splitlines()[0][:100]}; the last one is intact')
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f'{str(e).splitlines()[0][:80]}: no space?'
+            sys.exit(f'error: cannot write {what} in epoch {epoch} ({why}); model.pt holds the last epoch saved, '
+                     'if any')
     flip = f', {evaluate(model, x_test, y_test, mean, std, amp, flip=True)[1]:.2f} with test-time flip' if tta else ''
     print(f'done: test_acc {test_acc:.2f}{flip} in {fmt_time(time.time() - t0)}; wrote {log_path} and {model_path}')
 

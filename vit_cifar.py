@@ -100,7 +100,8 @@ def get_args(argv=None):
       help="torch.compile the training model (--compile: mode default); reduce-overhead: CUDA graphs, for a run "
       "bound by its CPU side (on the H100 the default model was; this mode there: not yet measured)")
     a("--resume", default=None, metavar="CKPT", help="continue from this checkpoint: its args, but for those given "
-      "again (its dataset, model, batch size, seed, --aug-chunk and optimizer set-up stay)")
+      "again; its dataset, model, batch size, seed, --aug-chunk and optimizer set-up stay (another value: an error; "
+      "--weight-decay may change, not to or from 0)")
     a("--eval-only", action="store_true", help="evaluate --resume CKPT (default <out-dir>/ckpt.pt), or --pretrained "
       "SOURCE, and exit")
     a("--predict", nargs="+", default=None, metavar="FILE", help="print top-5 classes of image files and exit")
@@ -474,4 +475,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before training started (or after it ended): the training loop saves its own
+        print("\ninterrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)

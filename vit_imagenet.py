@@ -66,7 +66,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--data-dir", help="holds train/ and val/ (ImageNet, ImageFolder or TinyImageNet-200); --resume: the ckpt's")
     a("--val-dir", default="auto", help="evaluation folder inside --data-dir; auto: val/, else test/")
-    a("--out-dir", help="for ckpt.pt, log.txt, log.csv; default out/vit_imagenet, or the --resume checkpoint's folder")
+    a("--out-dir", help="for ckpt.pt, log.txt, log.csv, curves.png; default out/vit_imagenet, or the --resume "
+      "checkpoint's folder")
     a("--model", default="vit_s16", choices=[k for k, v in common.PRESETS.items() if v.get("in_chans", 3) == 3],
       help="common.py preset (width, depth, heads)")
     a("--img-size", type=int, default=0, help="train and eval resolution; 0: 224, or the --pretrained weights'")
