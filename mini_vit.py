@@ -99,7 +99,8 @@ def load_data(args):
     idx = [f'{s}-{k}' for s in ('train', 't10k') for k in ('images-idx3-ubyte', 'labels-idx1-ubyte')]
     missing = [f for f in idx if not os.path.isfile(os.path.join(raw, f))]
     if 0 < len(missing) < len(idx):  # torchvision would download all four, replacing the files that are there
-        sys.exit(f'error: {raw}/ lacks {", ".join(missing)}: put it there too (unpacked)')
+        sys.exit(f'error: {raw}/ lacks {", ".join(missing)}: put it there too (unpacked), or remove the others to '
+                 'download all four')
     for train in (True, False):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # silence torchvision's per-mirror chatter

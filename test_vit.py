@@ -40,11 +40,15 @@ def rel_err(a, b):
 
 
 def randomize(model, std=0.02):
-    """Random weights everywhere, the zero-initialised head and the LayerNorms included, so parity is not trivial."""
+    """Random weights everywhere, the zero-initialised head included, so parity is not trivial; LayerNorm scales drawn
+    around 1 (N(1, 0.1)): at std's scale each block's branch was too small for another eps or GELU to show."""
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, std)
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1, 0.1)
     return model
 
 
@@ -81,7 +85,7 @@ def test_from_torchvision_vit_b16_same_logits():
 def test_from_torchvision_custom_size_same_logits():
     from torchvision.models import VisionTransformer
     tv = randomize(VisionTransformer(image_size=32, patch_size=4, num_layers=3, num_heads=4, hidden_dim=64,
-                                     mlp_dim=96, num_classes=7)).eval()
+                                     mlp_dim=96, num_classes=7), std=0.05).eval()  # 0.02: a tanh GELU 2e-5 off
     m = ViT(img_size=32, patch_size=4, num_classes=7, dim=64, depth=3, heads=4, mlp_ratio=1.5).eval()
     m.load_state_dict(from_torchvision(tv.state_dict()), strict=True)
     x = torch.randn(4, 3, 32, 32)
@@ -220,6 +224,8 @@ def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
     assert [sc[k] for k in ("head.weight", "blocks.1.attn.qkv.weight", "blocks.0.attn.qkv.weight", "pos_embed")] == \
         [1, 0.5, 0.25, 0.125], sc
     # ckpt.pt's optimizer states: a list, or one state from before Muon; a count that does not fit is a ValueError
+    common.set_lr([opt], 1e-3)  # the scale reaches the lr
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1.25e-4, 2.5e-4, 5e-4, 1e-3], opt.param_groups
     common.load_optimizers([opt], opt.state_dict())
     common.load_optimizers([adamw, muon], [adamw.state_dict(), muon.state_dict()])
     try:
@@ -728,10 +734,16 @@ def test_cifar_train_files_eval_predict(tmp_path):
     assert "img/s" in log and "eta" in log and "final model with test-time flip" in log
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["epoch"] == 2 and ck["batch"] == 0 and ck["step"] == 20 and ck["ema"] is not None
+    # the lr of each epoch's last step: --warmup 0.2 epochs = 2 of the 10 steps, then cosine over the 20
+    assert [float(r["lr"]) for r in rows] == [float(f"{common.lr_at(s, 20, 5e-3, 2):.3e}") for s in (9, 19)], rows
     # a fresh run into the same out-dir must not clobber it
     check_error(run_cifar("--data-dir", data, "--out-dir", out, "--epochs", 2, *CIFAR_TINY, ok=False), "--resume")
     p = run_cifar("--eval-only", "--resume", out / "ckpt.pt", "--data-dir", data)
-    assert "model | test loss" in p.stdout and "ema | test loss" in p.stdout, p.stdout
+    lines = {ln.split(" | ")[0]: ln for ln in p.stdout.splitlines() if " | test loss " in ln}
+    assert set(lines) >= {"model", "ema"} and lines["model"][5:] != lines["ema"][3:], p.stdout  # two sets of weights
+    # the run's final line agrees with eval-only's flip numbers: the same weights, the same evaluation
+    flip = lines["model"].split("with flip: loss ")[1].split()[0]
+    assert f"final model with test-time flip | test loss {flip} " in log, (flip, log[-400:])
     from torchvision.io import write_png
     img = tmp_path / "red.png"
     write_png(torch.tensor([200, 30, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 20, 24).contiguous(), str(img))
@@ -757,8 +769,11 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     for k in ("model", "ema"):
         assert a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
     assert a["step"] == b["step"] == 20
-    with open(tmp_path / "b" / "log.csv") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    rows = {}
+    for d in "ab":  # the same rows: epoch 2's train loss counts the steps before the stop too
+        with open(tmp_path / d / "log.csv") as f:
+            rows[d] = [(r["epoch"], r["train_loss"], r["test_loss"], r["test_acc"], r["lr"]) for r in csv.DictReader(f)]
+    assert [r[0] for r in rows["b"]] == ["1", "2"] and rows["a"] == rows["b"], rows
     # a stop at an epoch's last step (10 of 10) resumes into that epoch's end: its test, log row and save
     run_cifar(*base, "--out-dir", tmp_path / "c", "--interrupt-at", 10, ok=False)
     run_cifar(*base, "--out-dir", tmp_path / "c", "--resume", tmp_path / "c" / "ckpt.pt")
@@ -827,6 +842,14 @@ def test_cifar_clear_errors(tmp_path):
     a = vit_cifar.augment(x, torch.Generator().manual_seed(0), argparse.Namespace(policy="none", erase=0),
                           torch.zeros(1, 3, 1, 1))
     assert 0.3 < (a[..., :16].mean((1, 2, 3)) > a[..., 16:].mean((1, 2, 3))).float().mean() < 0.7
+    x = torch.zeros(512, 3, 32, 32, dtype=torch.uint8)  # one bright pixel: the padded crop moves it 4 px at most
+    x[..., 16, 16] = 255
+    a = vit_cifar.augment(x, torch.Generator().manual_seed(0), argparse.Namespace(policy="none", erase=0),
+                          torch.zeros(1, 3, 1, 1))
+    at = a[:, 0].flatten(1).argmax(1)
+    dy, dx = at // 32 - 16, at % 32 - 16  # a flip puts column 16 at 15: dx in -5..4
+    assert (a[:, 0] > 0.5).flatten(1).sum(1).eq(1).all() and set(dy.tolist()) == set(range(-4, 5))
+    assert dx.min() == -5 and dx.max() == 4, (dy, dx)
     for flags, word in ((["--batch-size", "0"], "--batch-size"), (["--patch", "5"], "--patch 5"),
                         (["--epochs", "-1"], "--epochs"), (["--lr", "0"], "--lr"),
                         (["--layer-decay", "0"], "--layer-decay"), (["--img-size", "-8"], "--img-size"),
@@ -1224,6 +1247,23 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
         assert smooth.count(0.3) == steps and set(smooth) == {0.0, 0.3}, (module.__name__, smooth)  # 0: test loss
         clips = [c.args[3] if len(c.args) > 3 else c.kwargs.get("clip") for c in opt.call_args_list]
         assert clips == [0.7] * steps, (module.__name__, clips)
+    # and optimizer_step clips: SGD at lr 1 steps by the gradient, (30, 40) of norm 50 -> norm 0.7
+    w = torch.nn.Parameter(torch.zeros(2))
+    w.grad = torch.tensor([30.0, 40.0])
+    common.optimizer_step([torch.optim.SGD([w], lr=1.0)], torch.amp.GradScaler("cpu", enabled=False), [w], 0.7)
+    assert torch.allclose(w.detach(), torch.tensor([-0.42, -0.56])) and w.grad is None, w
+
+
+def test_ema_update_is_a_lerp_chain():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    m = torch.nn.Linear(3, 2)
+    ema = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for i in range(4):  # the first update copies, each later one moves 10% of the way to the model
+        with torch.no_grad():
+            m.weight.mul_(2).add_(1)
+        common.ema_update(ema, m, first=i == 0)
+        want = m.weight.detach().clone() if i == 0 else 0.9 * want + 0.1 * m.weight.detach()
+    assert torch.allclose(ema.module.weight, want) and not torch.allclose(want, m.weight) and ema.n_averaged == 4
 
 
 def test_imagenet_clear_errors(tmp_path):

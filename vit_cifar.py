@@ -435,7 +435,7 @@ def main():
                 if step == args.interrupt_at:  # before the log line: a stop logs the loss since the last one
                     os.kill(os.getpid(), signal.SIGTERM)
                 if step % args.log_every == 0 or batch == spe - 1 or stop:
-                    k, now, lsum = step - s_log, time.time(), float(run_loss)  # float(): the host waits here
+                    k, lsum, now = step - s_log, float(run_loss), time.time()  # float(): the host waits, then the clock
                     if not math.isfinite(lsum):  # checked before every save; C.save_checkpoint checks the weights
                         C.die(f"the training loss became {lsum} by step {step} (lr {lr:.1e}); stopped, " +
                               (f"{ckpt_path} keeps the last good state" if os.path.exists(ckpt_path) else
