@@ -267,6 +267,7 @@ def test_evaluate_counts_top1_top5():
     assert math.isclose(loss, F.cross_entropy(x, y, reduction="sum").item(), rel_tol=1e-6)
     z = torch.tensor([[6., 5, 4, 3, 2, 1, 0]])  # class 4 ranks 5th: in the top 5; class 5 ranks 6th
     assert [common.evaluate(Fixed(), [(z, torch.tensor([c]))])[2] for c in (4, 5)] == [1, 0]
+    assert common.evaluate(Fixed(), [(z.repeat(3, 1), torch.tensor([4, 4, 5]))])[2] == 2  # per row, not per column
 
     class Row(torch.nn.Module):  # logits: the image's top row; flip=True mirrors left-right
         def forward(self, x):
@@ -1137,6 +1138,7 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert float(rows[-1]["test_loss"]) < float(rows[0]["test_loss"]) < 1.0986  # below ln 3: it learns
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert [float(r["lr"]) for r in rows] == [common.lr_at(s, 9, 1e-3, 2) for s in (2, 5, 8)], rows  # one schedule
     # stopped in the middle of epoch 2 (as Ctrl-C does), resumed with other worker counts: the straight run's weights
     r = _run(*base, "--out-dir", b, "--workers", 0, "--stop-after", 4)
     assert "--resume" in r.stdout and len(_rows(b)) == 1
@@ -1172,11 +1174,16 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
         f.write(b"not a jpeg")  # one unreadable image: skipped and counted
     os.symlink("..", os.path.join(data, "train", "n01", "images", "up"))  # link loops: each folder is walked once
     os.symlink(".", os.path.join(data, "train", "n02", "self"))  # (torchvision's make_dataset: 40 times)
-    r = _run("--data-dir", data, "--out-dir", tmp_path / "o", "--epochs", 2, "--workers", 1, "--cutmix", 1,
-             "--ema", 0.9, *IMNET_TINY)  # each epoch meets the bad image again: still 1
+    base = ["--data-dir", data, "--epochs", 2, "--cutmix", 1, "--drop-path", 0.1, "--ema", 0.9, *IMNET_TINY]
+    r = _run(*base, "--out-dir", tmp_path / "o", "--workers", 1)  # each epoch meets the bad image again: still 1
     epochs = [line for line in r.stdout.splitlines() if "train_loss" in line]
     assert "24 train / 12 val images, 3 classes" in r.stdout and all("skipped 1 unreadable" in e for e in epochs)
     assert "ema top1" in r.stdout and len(_rows(tmp_path / "o")) == 2 == len(epochs)
+    # stopped in epoch 2 and resumed: the same weights, CutMix's and drop-path's draws included (reseeded per step)
+    _run(*base, "--out-dir", tmp_path / "s", "--workers", 0, "--stop-after", 4)
+    _run("--resume", tmp_path / "s" / "ckpt.pt", "--workers", 0)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "os")
+    assert a["step"] == b["step"] == 6 and all(torch.equal(a[m][k], b[m][k]) for m in ("model", "ema") for k in a[m])
     val = os.path.join(data, "val")  # sorted into val/<wnid>/ as many guides do, val_annotations.txt left there
     for line in open(os.path.join(val, "val_annotations.txt")):
         f, wnid = line.split("\t")[:2]
@@ -1185,6 +1192,25 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
     os.rmdir(os.path.join(val, "images"))
     r = _run("--resume", tmp_path / "o" / "ckpt.pt", "--eval-only", "--workers", 0)
     assert f"top1 {float(_rows(tmp_path / 'o')[-1]['test_acc']):.2f}%" in r.stdout, r.stdout
+    ev = {ln.split(" | ")[0]: ln.split(" | ") for ln in r.stdout.splitlines() if ln.startswith("eval ")}
+    assert ev["eval model"][2] != ev["eval ema"][2], ev  # the EMA's own weights: another test loss
+    assert epochs[-1].split("ema top1 ")[1].split()[0] == ev["eval ema"][3].split()[1], (epochs[-1], ev)
+
+
+def test_imagenet_augmentation_is_per_image_and_epoch(tmp_path):
+    """A training image's crop, flip and RandAugment are a function of (seed, epoch, index): the same in any worker
+    or process, another for another image or epoch."""
+    sys.path.insert(0, HERE)
+    import vit_imagenet
+    from torchvision.io import write_png
+    p = str(tmp_path / "a.png")
+    write_png(torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), p)
+    args = argparse.Namespace(img_size=32, crop_scale=0.35, randaug=2, randaug_mag=9)
+    ds = vit_imagenet.Images([(p, 0)] * 3, vit_imagenet.transforms(args, True), 32, seed=0)
+    x0 = ds[0][0]
+    assert x0.shape == (3, 32, 32) and torch.equal(x0, ds[0][0]) and not torch.equal(x0, ds[1][0])
+    ds.epoch = 1
+    assert not torch.equal(x0, ds[0][0])
 
 
 def test_stop_flag_takes_torchruns_copy_of_a_sigterm_as_one():
@@ -1231,13 +1257,23 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
     import vit_imagenet
     cifar = ["--data-dir", write_cifar10(tmp_path / "c", n_train=80, n_test=20), "--out-dir", tmp_path / "oc",
              "--epochs", 1, *CIFAR_TINY, *CIFAR_LIGHT, "--label-smoothing", 0.3, "--clip-grad", 0.7]
-    imnet = [IMAGENET, "--data-dir", _imagenet_tree(str(tmp_path / "i")), "--out-dir", tmp_path / "oi", "--epochs", 1,
-             "--workers", 0, *IMNET_TINY, "--label-smoothing", 0.3, "--clip", 0.7]
+    imnet = [IMAGENET, "--data-dir", _imagenet_tree(str(tmp_path / "i")), "--out-dir", tmp_path / "oi", "--epochs", 2,
+             "--workers", 0, *IMNET_TINY, "--label-smoothing", 0.3, "--clip", 0.7, "--cutmix", 1,
+             "--ema", 0.9]
     handlers, threads = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads()
-    for module, argv, steps in ((vit_cifar, ["vit_cifar.py", *cifar], 2), (vit_imagenet, imnet, 3)):
+    seen, get = [], vit_imagenet.Images.__getitem__
+
+    def getitem(self, i):  # the epoch each training image is drawn for (val images have no seed)
+        seen.append(self.epoch) if self.seed is not None else None
+        return get(self, i)
+    for module, argv, steps in ((vit_cifar, ["vit_cifar.py", *cifar], 2), (vit_imagenet, imnet, 6)):
         with unittest.mock.patch.object(sys, "argv", list(map(str, argv))), \
                 unittest.mock.patch.object(F, "cross_entropy", wraps=F.cross_entropy) as ce, \
                 unittest.mock.patch.object(common, "optimizer_step", wraps=common.optimizer_step) as opt, \
+                unittest.mock.patch.object(common, "ema_update", wraps=common.ema_update) as ema, \
+                unittest.mock.patch.object(vit_imagenet.Images, "__getitem__", getitem), \
+                unittest.mock.patch.object(vit_imagenet.Sampler, "set_epoch", autospec=True,
+                                           side_effect=vit_imagenet.Sampler.set_epoch) as set_epoch, \
                 contextlib.redirect_stdout(io.StringIO()):
             module.main()
         for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):  # main() set its StopFlag's, and --threads
@@ -1245,6 +1281,11 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
         torch.set_num_threads(threads)
         smooth = [c.kwargs.get("label_smoothing", 0.0) for c in ce.call_args_list]
         assert smooth.count(0.3) == steps and set(smooth) == {0.0, 0.3}, (module.__name__, smooth)  # 0: test loss
+        if module is vit_imagenet:  # --cutmix 1: the training targets are mixed, (B, classes) soft labels
+            assert all(c.args[1].ndim == 2 for c in ce.call_args_list if c.kwargs.get("label_smoothing")), ce
+            # each epoch its own order and its own augmentation draws
+            assert [c.args[1] for c in set_epoch.call_args_list] == [0, 1] and sorted(set(seen)) == [0, 1], seen
+            assert [c.kwargs["first"] for c in ema.call_args_list] == [True] + [False] * 5, ema.call_args_list
         clips = [c.args[3] if len(c.args) > 3 else c.kwargs.get("clip") for c in opt.call_args_list]
         assert clips == [0.7] * steps, (module.__name__, clips)
     # and optimizer_step clips: SGD at lr 1 steps by the gradient, (30, 40) of norm 50 -> norm 0.7
