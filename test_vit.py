@@ -483,6 +483,18 @@ def test_mini_short_run(tmp_path):
     assert not os.path.exists(str(tmp_path / 'torn' / 'model.pt.tmp'))
     with open(tmp_path / 'torn' / 'log.csv') as f:  # the row goes in after the save: none for the lost epoch
         assert [row['epoch'] for row in csv.DictReader(f)] == ['1']
+
+    def full(path, mode='r', *a, **k):  # the log.csv append fails (a full disk): one line, epoch 1's weights stay
+        if str(path).endswith('log.csv') and mode == 'a':
+            raise OSError(28, 'No space left on device')
+        return open(path, mode, *a, **k)
+    with unittest.mock.patch.object(mini_vit, 'open', full, create=True):
+        try:
+            mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'full'), '--epochs', '1', '--warmup', '0'])
+            raise AssertionError('a failed log.csv append went unnoticed')
+        except SystemExit as e:
+            assert 'cannot write' in str(e.code) and 'log.csv in epoch 1 (No space left' in str(e.code), e.code
+    assert (tmp_path / 'full' / 'model.pt').is_file()
     for i, text in enumerate([b'my,own,results\n', b'a\xff\xfe\n']):  # a one-line file not ours, one not UTF-8
         (tmp_path / f'own{i}').mkdir()
         (tmp_path / f'own{i}' / 'log.csv').write_bytes(text)
@@ -1264,7 +1276,8 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
     seen, get = [], vit_imagenet.Images.__getitem__
 
     def getitem(self, i):  # the epoch each training image is drawn for (val images have no seed)
-        seen.append(self.epoch) if self.seed is not None else None
+        if self.seed is not None:
+            seen.append(self.epoch)
         return get(self, i)
     for module, argv, steps in ((vit_cifar, ["vit_cifar.py", *cifar], 2), (vit_imagenet, imnet, 6)):
         with unittest.mock.patch.object(sys, "argv", list(map(str, argv))), \
