@@ -1284,6 +1284,7 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
                 unittest.mock.patch.object(F, "cross_entropy", wraps=F.cross_entropy) as ce, \
                 unittest.mock.patch.object(common, "optimizer_step", wraps=common.optimizer_step) as opt, \
                 unittest.mock.patch.object(common, "ema_update", wraps=common.ema_update) as ema, \
+                unittest.mock.patch.object(common, "evaluate", wraps=common.evaluate) as ev, \
                 unittest.mock.patch.object(vit_imagenet.Images, "__getitem__", getitem), \
                 unittest.mock.patch.object(vit_imagenet.Sampler, "set_epoch", autospec=True,
                                            side_effect=vit_imagenet.Sampler.set_epoch) as set_epoch, \
@@ -1299,6 +1300,14 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
             # each epoch its own order and its own augmentation draws
             assert [c.args[1] for c in set_epoch.call_args_list] == [0, 1] and sorted(set(seen)) == [0, 1], seen
             assert [c.kwargs["first"] for c in ema.call_args_list] == [True] + [False] * 5, ema.call_args_list
+        # which module each evaluation saw, and whether with test-time flip: per epoch the raw model, then its EMA (a
+        # module of its own); vit_cifar.py ends with both again, flipped. On the tiny data an EMA line computed on the
+        # raw model, or an end without the flip, could show the same numbers, so look at the calls.
+        evals = [(id(c.args[0]), c.args[3] if len(c.args) > 3 else c.kwargs.get("flip", False))
+                 for c in ev.call_args_list]
+        raw, avg = evals[0][0], evals[1][0]
+        want = [(raw, False), (avg, False)] * (2 if module is vit_imagenet else 1)
+        assert raw != avg and evals == want + ([(raw, True), (avg, True)] if module is vit_cifar else []), evals
         clips = [c.args[3] if len(c.args) > 3 else c.kwargs.get("clip") for c in opt.call_args_list]
         assert clips == [0.7] * steps, (module.__name__, clips)
     # and optimizer_step clips: SGD at lr 1 steps by the gradient, (30, 40) of norm 50 -> norm 0.7
