@@ -3,7 +3,7 @@
 #   here, once:   bash .ci/gpu.sh pack      # fills gpu/ (git-ignored, ~60 MB): the offline data and MNIST's idx files
 #   the device:   run(carry=["gpu"], command="bash .ci/gpu.sh start 540"), then run(command="bash .ci/gpu.sh wait 540")
 #                 again until it prints ALL DONE. Each call brings back $OUT/logs.tgz, every log so far.
-#   after an edit: bash .ci/gpu.sh dry     # the same plan on this CPU (18m40s-25m53s, venv): every command runs
+#   after an edit: bash .ci/gpu.sh dry     # the same plan on this CPU (18m40s idle - 37m52s shared; venv): every command runs
 # The jobs run in a process session of their own (setsid), so they outlive each 10-minute call; a machine stays warm
 # only ~30 s after a call, so make the next call at once. Order (planned for ~25 min; not yet run on a GPU): mini_vit on
 # Fashion-MNIST, then on MNIST (beside them, in turn, six smaller runs at patch 4); then side by side three
