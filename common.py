@@ -7,6 +7,7 @@ F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 """
 import argparse
 import csv
+import difflib
 import io
 import math
 import operator
@@ -242,13 +243,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def read_pretrained(source):
     """(timm-named state_dict, info) from a torchvision weights name ('vit_b_16', 'vit_l_16:IMAGENET1K_SWAG_E2E_V1'),
     or a file: a torchvision or timm ViT state_dict, or a checkpoint of this project. CheckpointError on failure."""
-    info = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, classes=None, arch={}, style="torchvision")
+    info = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, classes=None, arch={}, style="torchvision", crop_pct=None)
     if os.path.isfile(source):
         obj = load_checkpoint(source, required=())
         if isinstance(obj, dict) and isinstance(obj.get("args"), dict) and "model" in obj:  # this project's ckpt
             a = obj["args"]
             info.update(style="this project", classes=obj.get("classes"), arch=a.get("arch") or {},
-                        mean=a.get("mean", IMAGENET_MEAN), std=a.get("std", IMAGENET_STD))
+                        mean=a.get("mean", IMAGENET_MEAN), std=a.get("std", IMAGENET_STD), crop_pct=a.get("crop_pct"))
             info["arch"].setdefault("heads", a.get("heads") or PRESETS.get(a.get("model"), {}).get("heads"))
         for k in ("model", "state_dict"):  # DeiT's and timm's training checkpoints wrap the weights
             obj = obj[k] if isinstance(obj, dict) and isinstance(obj.get(k), dict) else obj
@@ -265,8 +266,9 @@ def read_pretrained(source):
             if os.path.isdir(source):
                 raise CheckpointError(f"--pretrained {source} is a folder: give the weights file in it") from None
             vits = [n for n in tvm.list_models() if n.startswith("vit_")]
+            near = (difflib.get_close_matches(name, vits, 1) or ["vit_b_16"])[0]  # vit_b16 -> vit_b_16
             raise CheckpointError(f"--pretrained {source}: no such file, nor torchvision ViT weights (names: "
-                                  f"{', '.join(vits)}; tags such as {name}:IMAGENET1K_V1)") from None
+                                  f"{', '.join(vits)}; tags such as {near}:IMAGENET1K_V1)") from None
         try:
             sd = weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -274,7 +276,8 @@ def read_pretrained(source):
                                   f"{weights.url} elsewhere and pass the file, --pretrained FILE, or put it in "
                                   f"{torch.hub.get_dir()}/checkpoints/") from None
         t = weights.transforms()
-        info.update(mean=tuple(t.mean), std=tuple(t.std), classes=weights.meta.get("categories"))
+        info.update(mean=tuple(t.mean), std=tuple(t.std), classes=weights.meta.get("categories"),
+                    crop_pct=t.crop_size[0] / t.resize_size[0])  # 224 / 256, SWAG's 384 / 384
     if "conv_proj.weight" in sd:
         try:
             sd = from_torchvision(sd)
@@ -513,7 +516,8 @@ def check_out_dir(out_dir, resume=None):
     if os.path.isfile(log) and not (resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out_dir)):
         with open(log, "rb") as f:  # bytes: a file of another encoding is refused, not a traceback
             lines = [line for line in f if line.strip()]
-        if len(lines) > 1 or lines and lines[0].split(b",")[0].strip() != b"epoch":  # ours start with "epoch"
+        if len(lines) > 1 or lines and lines[0].strip().split(b",")[:4] != [b"epoch", b"train_loss", b"test_loss",
+                                                                             b"test_acc"]:  # the header of ours
             die(f"{log} holds an earlier run's rows or another file: move it away, or pick another --out-dir")
 
 

@@ -86,8 +86,8 @@ def get_args(argv=None):
         p.error('--device cuda but CUDA is not available (use --device cpu)')
     args.device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     args.out_dir = args.out_dir.replace('<dataset>', args.dataset)
-    if not args.out_dir.strip():
-        p.error('--out-dir is empty')
+    if not args.out_dir.strip() or os.path.isfile(args.out_dir):
+        p.error(f'--out-dir {args.out_dir!r} is empty or a file, not a folder')
     return args
 
 
@@ -98,6 +98,10 @@ def load_data(args):
     raw = os.path.join(args.data_dir, cls.__name__, 'raw')
     idx = [f'{s}-{k}' for s in ('train', 't10k') for k in ('images-idx3-ubyte', 'labels-idx1-ubyte')]
     missing = [f for f in idx if not os.path.isfile(os.path.join(raw, f))]
+    if missing and any(os.path.isfile(os.path.join(args.data_dir, d, idx[0] + z)) for d in ('raw', '') for z in
+                       ('', '.gz')):  # pointed at <name>/ or <name>/raw/: a download would land inside it
+        sys.exit(f'error: --data-dir {args.data_dir} holds the idx files itself: give the folder that holds '
+                 f'{cls.__name__}/raw/')
     if 0 < len(missing) < len(idx):  # torchvision would download all four, replacing the files that are there
         sys.exit(f'error: {raw}/ lacks {", ".join(missing)}: put it there too (unpacked), or remove the others to '
                  'download all four')

@@ -386,11 +386,12 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             assert e.code == 2 and "cannot write" in err.getvalue() and len(err.getvalue().splitlines()) == 1
     logs = tmp_path / "logs"  # no ckpt.pt here: a fresh run's folder
     logs.mkdir()
-    (logs / "log.csv").write_text("epoch\n")  # a header alone: a run stopped in its first epoch, may go
-    common.Logger(str(logs), ["epoch"]).row(epoch=1)
+    cols = ["epoch", "train_loss", "test_loss", "test_acc"]
+    (logs / "log.csv").write_text(",".join(cols) + "\n")  # a header alone: a run stopped in its 1st epoch, may go
+    common.Logger(str(logs), cols).row(epoch=1, train_loss=1, test_loss=1, test_acc=1)
     with contextlib.redirect_stderr(io.StringIO()):  # rows of an earlier run: kept
         try:
-            common.Logger(str(logs), ["epoch"])
+            common.Logger(str(logs), cols)
             raise AssertionError("an earlier run's log.csv overwritten")
         except SystemExit as e:
             assert e.code == 2
@@ -642,6 +643,12 @@ def test_mini_missing_dataset_offline(tmp_path):
         raise AssertionError('a missing idx file accepted')
     except SystemExit as e:
         assert str(e.code).startswith('error:') and 'lacks t10k-labels-idx1-ubyte' in str(e.code), e.code
+    for d in (raw.parent, raw):  # the dataset's own folder or its raw/ as --data-dir: a download would land inside
+        try:
+            mini_vit.load_data(mini_vit.get_args(['--data-dir', str(d)]))
+            raise AssertionError(f'--data-dir {d} accepted')
+        except SystemExit as e:
+            assert 'holds the idx files itself' in str(e.code) and not (d / 'MNIST').exists(), e.code
     _write_tiny_mnist(str(tmp_path))
     for name, cut in (('t10k-labels-idx1-ubyte', lambda b: b[:-1] + bytes([12])), ('train-images-idx3-ubyte',
                                                                                   lambda b: b[:5000])):
@@ -665,7 +672,8 @@ def test_mini_bad_flags(tmp_path):
            (['--seed', '-1'], 'seed'), (['--warmup', '1e308'], 'warmup'), (['--translate', '28'], 'translate'),
            (['--rotate', '181'], 'rotate'), (['--scale', '1'], 'scale'),
            (['--mlp-ratio', '0.001'], 'mlp-ratio'), (['--log-every', '-1'], 'log-every'),
-           (['--threads', str(10 ** 5)], 'threads'), (['--out-dir', ''], 'out-dir')]  # huge --threads: a segfault
+           (['--threads', str(10 ** 5)], 'threads'), (['--out-dir', ''], 'out-dir'),  # huge --threads: a segfault
+           (['--out-dir', __file__], 'a file, not a folder')]
     if not torch.cuda.is_available():
         bad.append((['--device', 'cuda'], 'CUDA'))
     for flags, word in bad:
@@ -805,7 +813,7 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     check_error(run_cifar("--resume", tmp_path / "b" / "ckpt.pt", "--out-dir", tmp_path / "d", "--epochs", 3,
                           ok=False), "holds an earlier run's rows")
     for text, ok in ((b"epoch,train_loss,test_loss,test_acc,lr\n\n", True), (b"my,epoch,results\n", False),
-                     (b"a\xff\xfe\n", False)):  # a header of ours alone may go; a one-line file of the user's stays
+                     (b"epoch,x\n", False), (b"a\xff\xfe\n", False)):  # a header of ours alone may go, not a user's
         (tmp_path / "d" / "log.csv").write_bytes(text)
         with contextlib.redirect_stderr(io.StringIO()) as err:
             try:
@@ -870,7 +878,8 @@ def test_cifar_clear_errors(tmp_path):
                         (["--clip-grad", "-1"], "--clip-grad"), (["--warmup", "inf"], "--warmup"),
                         (["--pretrained", "vit_b_16", "--predict", "a.png"], "--resume CKPT"),
                         (["--compile", "fast"], "--compile"), (["--seed", "-1"], "--seed"),
-                        (["--seed", str(2 ** 32)], "--seed")):
+                        (["--seed", str(2 ** 32)], "--seed"), (["--epochs", "2", "--warmup", "3"], "--warmup 3"),
+                        (["--device", "cpu", "--dim", "128"], "--heads 3 (the CPU recipe's)")):
         code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
         assert code == 2 and word in line, (flags, line)
     # --compile alone keeps its meaning (torch.compile's default mode); a mode may follow it
@@ -920,8 +929,10 @@ def test_cifar_clear_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     check_error(run_cifar("--eval-only", "--resume", bad, ok=False), "bad.pt")
     check_error(run_cifar("--resume", tmp_path / "missing.pt", ok=False), "missing.pt")
-    torch.save({"model": {"w": torch.zeros(1)}, "args": {}, "classes": ["a"]}, bad)
+    torch.save({"model": {"w": torch.zeros(1)}, "args": {"dataset": "cifar10"}, "classes": ["a"]}, bad)
     check_error(run_cifar("--eval-only", "--resume", bad, "--data-dir", data, ok=False), "does not fit")
+    torch.save({"model": {}, "args": {"data_dir": data, "depth": 0}, "classes": ["a"]}, bad)  # vit_imagenet.py's
+    check_error(run_cifar("--eval-only", "--resume", bad, ok=False), "not one of vit_cifar.py", "--pretrained")
     torch.save({"model": {}, "args": None, "classes": None}, bad)
     check_error(run_cifar("--eval-only", "--resume", bad, ok=False), "no args dict")
     # a diverging run stops at the next log line, before any checkpoint takes NaN weights
@@ -1012,7 +1023,7 @@ def test_pretrained_clear_errors(tmp_path):
                        ("glu.pth", ["does not fit", "fc1_"]), ("reg.pth", ["not a square grid", "extra tokens"]),
                        ("module.pth", ["state_dict()"]), ("folder.pth", ["is a folder"]),
                        ("resnet50", ["no such file, nor torchvision ViT weights"]),  # not fetched: not a ViT
-                       ("headless.pth", ["no classifier head"])):
+                       ("headless.pth", ["no classifier head"]), ("vit_l16", ["such as vit_l_16:"])):
         try:
             common.load_pretrained(str(tmp_path / src) if src.endswith(".pth") else src,
                                    None if src == "headless.pth" else 10, img_size=64 if src == "reg.pth" else None)
@@ -1043,10 +1054,10 @@ def test_pretrained_torchvision_name_cached_and_offline(tmp_path):
     env = {"TORCH_HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}  # a closed port: offline
     code = ("import common; m, i = common.load_pretrained('vit_b_16', None); "
-            "print(i['classes'][:2], i['head_kept'], i['mean'], m.head.weight.shape[0])")
+            "print(i['classes'][:2], i['head_kept'], i['mean'], m.head.weight.shape[0], i['crop_pct'])")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                        env={**os.environ, **env}, timeout=120)
-    assert p.returncode == 0 and "['tench', 'goldfish'] True (0.485, 0.456, 0.406) 1000" in p.stdout, p.stderr
+    assert p.returncode == 0 and "['tench', 'goldfish'] True (0.485, 0.456, 0.406) 1000 0.875" in p.stdout, p.stderr
     (cache / os.path.basename(w.url)).unlink()
     data = write_cifar10(tmp_path / "data", n_train=80, n_test=20)
     p = subprocess.run([sys.executable, os.path.join(HERE, "vit_cifar.py"), "--data-dir", data, "--out-dir",
@@ -1170,6 +1181,8 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     assert "its run is complete" in _run("--resume", a / "ckpt.pt").stdout  # nothing left to train
     r = _run("--resume", a / "ckpt.pt", "--eval-only", "--workers", 0)
     assert f"top1 {float(rows[-1]['test_acc']):.2f}%" in r.stdout and f"{float(rows[-1]['test_loss']):.4f}" in r.stdout
+    r = _run("--pretrained", a / "ckpt.pt", "--eval-only", "--data-dir", data, "--workers", 0)  # as its run evaluated:
+    assert f"test_loss {float(rows[-1]['test_loss']):.4f}" in r.stdout, r.stdout  # IMNET_TINY's --crop-pct 1, not 0.875
     files = [os.path.join(data, "val", "n02", f) for f in sorted(os.listdir(os.path.join(data, "val", "n02")))[:2]]
     lines = _run("--resume", a / "ckpt.pt", "--predict", *files).stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith(f + ": n02 ") for line, f in zip(lines, files)), lines
@@ -1355,7 +1368,8 @@ def test_imagenet_clear_errors(tmp_path):
              "2 or more": ["--data-dir", one_class], "tab-separated": ["--data-dir", tiny],
              "not a folder": ["--data-dir", str(tmp_path / "none")],
              "no head for these 3 classes": ["--data-dir", good, "--pretrained", str(tmp_path / "w5"), "--eval-only"],
-             "train/": ["--data-dir", str(tmp_path)],  # no train/ folder
+             "lacks train/ and val/ or test/": ["--data-dir", str(tmp_path)],  # no train/ folder, no val/
+             "not the split itself": ["--data-dir", os.path.join(good, "train")],
              "--resume": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "o")],  # ckpt.pt is not overwritten
              "corrupt": ["--resume", str(tmp_path / "o" / "ckpt.pt"), "--eval-only"],
              "n09": ["--data-dir", empty_class, "--out-dir", str(tmp_path / "p")],
@@ -1535,10 +1549,15 @@ def timed(fn, n, dev):
 # ------------------------------------------------------------------------------------------------------- runner
 
 def main():
-    if "--bench" in sys.argv:
+    p = argparse.ArgumentParser(description="the tests (CPU only), or the throughput benchmark")
+    p.add_argument("-k", default="", metavar="TEXT", help="run only the tests whose names contain TEXT")
+    p.add_argument("--bench", action="store_true", help="the benchmark (README), not the tests")
+    args = p.parse_args()
+    if args.bench:
         return bench(), bench_aug()
-    pattern = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
-    tests = [(k, v) for k, v in globals().items() if k.startswith("test_") and callable(v) and pattern in k]
+    tests = [(k, v) for k, v in globals().items() if k.startswith("test_") and callable(v) and args.k in k]
+    if not tests:
+        p.error(f"no test name contains {args.k!r}")
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     t_all = time.time()
     for name, fn in tests:

@@ -149,6 +149,13 @@ def get_args(argv=None):
         "< 4294967296": "seed"})  # 2**32
     if args.patch is not None and (args.img_size or 32) % args.patch:
         p.error(f"--patch {args.patch} does not divide the {args.img_size or 32} px image")
+    if args.warmup > args.epochs:
+        p.error(f"--warmup {args.warmup:g} is more than --epochs {args.epochs}: the lr would never reach its peak")
+    dim, heads = (getattr(args, k) or C.PRESETS[args.model][k] for k in ("dim", "heads"))
+    if not (args.ckpt or args.pretrained) and dim % heads:  # before the data loads; the weights' shape is checked there
+        src = "" if "heads" in given else " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given \
+            else f" (the {args.model} preset's)"
+        p.error(f"--dim {dim} is not divisible by --heads {heads}{src}: give --heads too")
     return args
 
 
@@ -159,6 +166,9 @@ def load_ckpt(path):
         C.die(str(e))
     if not (isinstance(ck["args"], dict) and isinstance(ck["classes"], list)):
         C.die(f"checkpoint {path} has no args dict and class list: not a checkpoint of this script")
+    if ck["args"].get("dataset") not in DATASETS:  # e.g. vit_imagenet.py's
+        C.die(f"checkpoint {path} is not one of vit_cifar.py (no CIFAR dataset in its args): --pretrained {path} "
+              "starts from its weights")
     return ck
 
 # ------------------------------------------------------------------------------------------------------------ data

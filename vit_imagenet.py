@@ -89,7 +89,8 @@ def get_args(argv=None):
     a("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     a("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     a("--crop-scale", type=float, default=0.05, help="RandomResizedCrop's smallest area fraction")
-    a("--crop-pct", type=float, default=0.875, help="eval: resize the short side to img-size / crop-pct, center crop")
+    a("--crop-pct", type=float, default=0, help="eval: resize the short side to img-size / crop-pct, center crop; 0: "
+      "the --pretrained weights' own (a torchvision name's transforms, a ckpt.pt's), else 0.875")
     a("--randaug", type=int, default=2, help="RandAugment operations per image (0: off)")
     a("--randaug-mag", type=int, default=10, help="RandAugment magnitude (0-30)")
     a("--mixup", type=float, default=0.2, help="MixUp alpha (0: off); with --cutmix, one of the two per batch")
@@ -139,9 +140,9 @@ def get_args(argv=None):
     args.img_size = args.img_size or (0 if args.pretrained else 224)  # 0: the weights' resolution
     args.patch = args.patch or (16 if args.img_size >= 128 else 8 if args.img_size >= 64 else 4)
     common.check_ranges(p, args, {
-        "> 0": "epochs batch_size accum_steps patch lr layer_decay crop_scale crop_pct",
+        "> 0": "epochs batch_size accum_steps patch lr layer_decay crop_scale",
         ">= 0": "img_size depth heads warmup workers randaug randaug_mag stop_after weight_decay clip mixup cutmix "
-                "seed label_smoothing drop_path ema threads log_every",
+                "seed label_smoothing drop_path ema threads log_every crop_pct",
         "< 1": "label_smoothing drop_path ema", "<= 1": "layer_decay crop_scale crop_pct", "<= 30": "randaug_mag",
         "< 4294967296": "seed"})  # seeds in [0, 2**32)
     if not (args.data_dir or args.predict or args.synthetic):  # --predict: classes from the ckpt or the weights
@@ -160,8 +161,11 @@ def scan(args, need_train=True):
     names = ("val", "test") if args.val_dir == "auto" else (args.val_dir,)
     vd = next((os.path.join(args.data_dir, n) for n in names if os.path.isdir(os.path.join(args.data_dir, n))), None)
     if not os.path.isdir(tr) or vd is None:
+        lacks = " and ".join(["train/"] * (not os.path.isdir(tr)) + [" or ".join(n + "/" for n in names)] * (not vd))
+        split = os.path.basename(os.path.normpath(args.data_dir)) in ("train", *names)  # a split folder itself
         common.die(f"{args.data_dir} needs train/<class>/ and {' or '.join(n + '/' for n in names)} (ImageNet, "
-                   f"ImageFolder or TinyImageNet-200 layout); {tr if vd else 'the evaluation folder'} is missing")
+                   f"ImageFolder or TinyImageNet-200 layout); it lacks {lacks}" +
+                   (": give the folder that holds it, not the split itself" if split else ""))
     try:
         classes, idx = find_classes(tr)
         train = images(tr, idx) if need_train else []
@@ -372,6 +376,7 @@ def main():
                                                  args.img_size or None, classes, drop_path=args.drop_path,
                                                  **({"heads": args.heads} if args.heads else {}))
             args.arch, args.mean, args.std = info["arch"], info["mean"], info["std"]
+            args.crop_pct = args.crop_pct or info["crop_pct"]  # so that --eval-only scores them as published
             classes = classes or info["classes"] or [str(i) for i in range(model.num_classes)]
             if rank == 0:
                 print(f"{args.pretrained}: {info['style']} ViT, {args.arch}, " + ("its head kept" if info["head_kept"]
@@ -386,7 +391,7 @@ def main():
             model = common.ViT(**args.arch, num_classes=len(classes), drop_path=args.drop_path)
     except (ValueError, common.CheckpointError) as e:
         common.die(str(e))
-    model, args.img_size = model.to(device), args.arch["img_size"]
+    model, args.img_size, args.crop_pct = model.to(device), args.arch["img_size"], args.crop_pct or 0.875
     args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # applied on the device
     if args.freeze:
         common.freeze_all_but_head(model)
@@ -450,7 +455,7 @@ def main():
     mixers = [m(alpha=a, num_classes=len(classes)) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a]
     mix = v2.RandomChoice(mixers) if mixers else None
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True, broadcast_buffers=False) if world > 1 else None  # a fixed sincos buffer
+              gradient_as_bucket_view=True) if world > 1 else None
     net = torch.compile(ddp if ddp else model) if args.compile else ddp if ddp else model  # DDP first, then compile
     log = common.Logger(args.out_dir, COLUMNS, append=bool(args.resume), enabled=rank == 0)
     log(f"vit_imagenet | {world} process(es) x {micro} images x {A} accum = batch {B} | {device} {prec} | "

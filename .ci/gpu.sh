@@ -105,7 +105,7 @@ dry)  # tiny data in the real formats (test_vit's), and a python3 that swaps CUD
 #!/usr/bin/env bash
 a=(); for x in "$@"; do [ "$x" = cuda ] && x=cpu; [ "$x" = 1000 ] && x=12; a+=("$x"); done
 case "$1" in mini_vit.py | vit_cifar.py) a+=(--threads 1) ;; esac  # several runs share the cores
-[[ $1 = vit_cifar.py && " $* " != *" --epochs "* && " $* " != *" --resume "* ]] && a+=(--epochs 2 --recipe full)
+[[ $1 = vit_cifar.py && " $* " != *" --epochs "* && " $* " != *" --resume "* ]] && a+=(--epochs 2 --warmup 0.5 --recipe full)
 exec "$DRY_PY" "${a[@]}"
 EOF
   chmod +x $G/bin/* && DRY_PY=$PY GPU_DIR=$G PYTHONPATH=$PWD PATH=$G/bin:$PATH bash "$0" start "${2:-2400}" ;;
