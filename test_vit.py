@@ -459,12 +459,16 @@ def test_mini_short_run(tmp_path):
     assert [int(row['epoch']) for row in rows] == [1, 2, 3]
     assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss']) - 0.3, rows
     assert float(rows[-1]['test_acc']) > 50, rows
+    for row in rows:  # the lr of each epoch's last step: 32 steps an epoch, 16 of warmup, cosine over the other 80
+        s = 32 * int(row['epoch']) - 1
+        assert math.isclose(float(row['lr']), 1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 16) / 80)), rel_tol=1e-3), row
     assert 'test_acc' in r.stdout and 'img/s' in r.stdout and 'eta' in r.stdout
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     assert ckpt['args']['dim'] == 32 and 'head.weight' in ckpt['model'] and 'blocks.1.attn.qkv.weight' in ckpt['model']
     assert not os.path.exists(str(out / 'model.pt.tmp'))
     sys.path.insert(0, HERE)
     import mini_vit
+    import torchvision
     save, calls = torch.save, []
 
     def torn(obj, f):  # the 2nd epoch's write dies half-way (disk full): the 1st epoch's model.pt stays
@@ -504,6 +508,14 @@ def test_mini_short_run(tmp_path):
         except SystemExit as e:
             assert '--overwrite' in str(e.code), e.code
         assert (tmp_path / f'own{i}' / 'log.csv').read_bytes() == text
+    (tmp_path / 'own_pt').mkdir()
+    (tmp_path / 'own_pt' / 'model.pt').write_bytes(b'mine')
+    try:
+        mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'own_pt'), '--epochs', '1'])
+        raise AssertionError('a model.pt alone was overwritten')
+    except SystemExit as e:
+        assert '--overwrite' in str(e.code), e.code
+    assert (tmp_path / 'own_pt' / 'model.pt').read_bytes() == b'mine'
     # a second run into the same folder refuses to clobber it (in-process: it stops before loading data)
     try:
         mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(out), '--device', 'cpu'])
@@ -538,8 +550,63 @@ def test_mini_short_run(tmp_path):
     assert not os.path.exists(str(tmp_path / 'nanw' / 'model.pt'))
     # the same command with a sane lr may run there again: a log.csv of only its header is from a run that stopped
     tiny += ['--epochs', '1', '--warmup', '0']
-    mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan'), '--rotate', '10', '--scale', '0.1'])  # + affine path
+    made, opts, augs, seen, ce, aug, adamw = [], [], [], [], F.cross_entropy, mini_vit.augment, torch.optim.AdamW
+    load = mini_vit.load_data
+
+    def slow_aug(x, *a):  # 32 steps of >= 10 ms: img_per_s <= 1600; elapsed_s counts from before the 0.5 s load
+        augs.append(a)
+        time.sleep(0.01)
+        return aug(x, *a)
+
+    def slow_load(args):
+        time.sleep(0.5)
+        return load(args)
+
+    class SpyViT(mini_vit.ViT):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    class SpyMuon(mini_vit.Muon):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            opts.append(self)
+
+    def spy_adamw(*a, **k):
+        opts.append(adamw(*a, **k))
+        return opts[-1]
+
+    def spy_ce(logits, y, **k):
+        loss = ce(logits, y, **k)
+        seen.append((torch.is_grad_enabled(), k.get('label_smoothing', 0.0), loss.item()))
+        return loss
+    spy = unittest.mock.patch.object
+    with spy(mini_vit, 'ViT', SpyViT), spy(mini_vit, 'Muon', SpyMuon), spy(torch.optim, 'AdamW', spy_adamw), \
+            spy(mini_vit, 'augment', slow_aug), spy(mini_vit, 'load_data', slow_load), \
+            spy(F, 'cross_entropy', spy_ce), contextlib.redirect_stdout(io.StringIO()) as log:
+        mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'nan'), '--rotate', '10', '--scale', '0.1', '--optimizer',
+                              'muon', '--pool', 'cls', '--drop-path', '0.1'])  # + affine path
     assert os.path.exists(str(tmp_path / 'nan' / 'model.pt'))
+    assert 'test-time flip' not in log.getvalue() and set(augs) == {(1, False, 10.0, 0.1)}  # MNIST: no flips
+    m = made[0]
+    assert m.training and [d.p for d in m.modules() if isinstance(d, torchvision.ops.StochasticDepth)] == [0.1, 0.1]
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = {(type(o).__name__, g['weight_decay']): {names[id(p)] for p in g['params']} for o in opts
+              for g in o.param_groups}
+    assert groups == {('SpyMuon', 0.05): {n for n in names.values() if n.startswith('blocks') and n.endswith('weight')
+                                          and 'norm' not in n},
+                      ('AdamW', 0.05): {'patch_embed.proj.weight', 'head.weight'},
+                      ('AdamW', 0.0): {n for n in names.values() if n.endswith('bias') or 'norm' in n
+                                       or n in ('pos_embed', 'cls_token')}}, groups
+    with open(tmp_path / 'nan' / 'log.csv') as f:  # train_loss: the mean smoothed loss of the 32 steps; test: plain
+        row = next(csv.DictReader(f))
+    assert [s[:2] for s in seen] == [(True, 0.1)] * 32 + [(False, 0.0)], seen
+    assert math.isclose(float(row['train_loss']), sum(s[2] for s in seen[:32]) / 32, abs_tol=2e-4), row
+    assert math.isclose(float(row['test_loss']), seen[32][2], abs_tol=2e-4), row
+    assert 0.32 <= 512 / float(row['img_per_s']) <= float(row['elapsed_s']) - 0.5 + 0.05, row
+    mini_vit.main(tiny + ['--out-dir', str(tmp_path / 'again')])  # --seed: the 'full' run's command, its weights
+    a, b = (torch.load(tmp_path / d / 'model.pt', weights_only=True)['model'] for d in ('full', 'again'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # the affine path: a near-zero rotation and zoom, no shift, resamples each pixel at its own centre; shifts move
     # the ink by up to --translate px, not more
     x = torch.zeros(64, 28, 28, dtype=torch.uint8)
@@ -622,6 +689,32 @@ def test_mini_state_dict_parity_with_common(tmp_path):
     loss, acc = mini_vit.evaluate(mini, xu, y, 0.3, 0.4, contextlib.nullcontext(), flip=True)
     assert abs(loss - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
     assert acc == 100.0 * (logits.argmax(1) == y).sum().item() / 6
+
+
+def test_mini_lr_augment_units_eval_mode():
+    sys.path.insert(0, HERE)
+    import mini_vit
+    lrs = [mini_vit.get_lr(s, 100, 10, 1.0) for s in range(100)]  # warmup from 1/10 of the peak, then cosine to ~0
+    assert math.isclose(lrs[0], 0.1) and math.isclose(lrs[9], 1.0) and math.isclose(lrs[10], 1.0), lrs[:11]
+    assert math.isclose(lrs[55], 0.5) and lrs[99] < 1e-3 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    torch.manual_seed(0)
+    x = torch.zeros(256, 28, 28, dtype=torch.uint8)
+    x[:, 10:18, 12:16] = 255  # a bar centred in the image
+    cols = torch.arange(28.0)
+
+    def cx(im):
+        return (im.float().sum(1) * cols).sum(1) / im.float().sum((1, 2))
+    for rot in (0.0, 1e-9):  # whole-pixel and affine shifts: both ways, up to --translate 2 px
+        d = cx(mini_vit.augment(x, 2, False, rot, rot)) - cx(x)
+        assert d.min() < -1.5 and d.max() > 1.5 and d.abs().max() < 2.01, (rot, d.min(), d.max())
+    assert (mini_vit.augment(x, 0, False, 1.0, 0.0) - x).abs().max() < 40  # 1 degree: the corners move < 0.1 px
+    assert ((mini_vit.augment(x, 0, False, 90.0, 0.0) - x).abs().amax((1, 2)) > 128).float().mean() > 0.5
+    assert torch.allclose(mini_vit.to_input(torch.full((1, 28, 28), 255, dtype=torch.uint8), 0.1307, 0.3081),
+                          torch.full((1, 1, 28, 28), (1 - 0.1307) / 0.3081))
+    m, calls = mini_vit.ViT(dim=16, depth=1, heads=2).train(), []
+    m.register_forward_hook(lambda mod, i, o: calls.append((torch.is_grad_enabled(), mod.training)))
+    mini_vit.evaluate(m, x[:4], torch.zeros(4, dtype=torch.long), 0.1, 0.3, contextlib.nullcontext())
+    assert calls == [(False, False)] and m.training, calls
 
 
 def test_mini_missing_dataset_offline(tmp_path):
