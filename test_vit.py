@@ -972,7 +972,8 @@ def test_cifar_clear_errors(tmp_path):
                         (["--pretrained", "vit_b_16", "--predict", "a.png"], "--resume CKPT"),
                         (["--compile", "fast"], "--compile"), (["--seed", "-1"], "--seed"),
                         (["--seed", str(2 ** 32)], "--seed"), (["--epochs", "2", "--warmup", "3"], "--warmup 3"),
-                        (["--device", "cpu", "--dim", "128"], "--heads 3 (the CPU recipe's)")):
+                        (["--device", "cpu", "--dim", "128"], "--heads 3 (the CPU recipe's)"),
+                        (["--recipe", "full", "--dim", "100"], "--heads 6 (the cifar_s preset's)")):
         code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
         assert code == 2 and word in line, (flags, line)
     # --compile alone keeps its meaning (torch.compile's default mode); a mode may follow it
@@ -1421,6 +1422,12 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
     w.grad = torch.tensor([30.0, 40.0])
     common.optimizer_step([torch.optim.SGD([w], lr=1.0)], torch.amp.GradScaler("cpu", enabled=False), [w], 0.7)
     assert torch.allclose(w.detach(), torch.tensor([-0.42, -0.56])) and w.grad is None, w
+
+
+def test_runner_refuses_a_selection_of_no_test():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "test_vit.py"), "-k", "no_such_test"], capture_output=True,
+                       text=True, timeout=120)  # "0 passed" with exit 0 would let CI pass with nothing run
+    assert p.returncode == 2 and "no test name contains 'no_such_test'" in p.stderr, p.stderr
 
 
 def test_ema_update_is_a_lerp_chain():

@@ -153,8 +153,8 @@ def get_args(argv=None):
         p.error(f"--warmup {args.warmup:g} is more than --epochs {args.epochs}: the lr would never reach its peak")
     dim, heads = (getattr(args, k) or C.PRESETS[args.model][k] for k in ("dim", "heads"))
     if not (args.ckpt or args.pretrained) and dim % heads:  # before the data loads; the weights' shape is checked there
-        src = "" if "heads" in given else " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given \
-            else f" (the {args.model} preset's)"
+        src = ("" if "heads" in given else " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given
+               else f" (the {args.model} preset's)")
         p.error(f"--dim {dim} is not divisible by --heads {heads}{src}: give --heads too")
     return args
 
