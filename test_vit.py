@@ -64,6 +64,9 @@ def test_presets_shapes():
         grid = cfg["img_size"] // cfg["patch_size"]
         assert feats.shape == (1, grid * grid + (m.pool == "cls"), cfg["dim"]), (name, feats.shape)
         assert out.shape == (1, cfg.get("num_classes", 1000)), (name, out.shape)
+    with torch.device("meta"):  # overrides win over the preset's own values (CIFAR-100 on cifar_s)
+        m = create_vit("cifar_s", num_classes=100, depth=1)
+    assert (m.head.out_features, len(m.blocks), m.patch_embed.grid) == (100, 1, 8)
 
 
 def test_vit_b16_param_count_equals_torchvision():
@@ -91,6 +94,11 @@ def test_from_torchvision_custom_size_same_logits():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(m(x), tv(x)) < 1e-5
+    # files saved before torchvision's MLP rename (pytorch/vision#6053) name them mlp.linear_1 / linear_2, which its
+    # MLPBlock still loads: the same weights
+    legacy = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
+              for k, v in tv.state_dict().items()}
+    m.load_state_dict(from_torchvision(legacy), strict=True)
 
 
 def test_timm_state_dict_loads_strict_same_logits():
@@ -150,6 +158,10 @@ def test_resize_pos_embed():
     smooth = torch.linspace(0, 1, 8).repeat(8)[None, :, None].expand(1, 64, 4)  # a ramp stays a ramp
     ramp = resize_pos_embed(smooth, 16, num_prefix=0)[0, :16, 0]
     assert ramp[0] < ramp[8] < ramp[15]
+    for n in (12, 5):  # bicubic, corners not aligned, no antialiasing (README): timm's resample with antialias=False
+        want = F.interpolate(pe[:, 1:].reshape(1, 8, 8, 16).permute(0, 3, 1, 2), size=(n, n), mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1).reshape(1, n * n, 16)
+        assert torch.allclose(resize_pos_embed(pe, n)[:, 1:], want, atol=1e-6), n
     # weights trained at 32 px load into a 64 px model once the grid is resized
     a, b = ViT(img_size=32, patch_size=4, dim=32, depth=1, heads=2), ViT(img_size=64, patch_size=4, dim=32, depth=1,
                                                                            heads=2)
@@ -167,7 +179,8 @@ def test_value_errors():
              (lambda: ViT(img_size=32, patch_size=4, dim=30, heads=3, pos_embed="sincos"), "divisible by 4"),
              (lambda: create_vit("cifar_cpu")(torch.randn(1, 3, 64, 64)), "expected input (B, 3, 32, 32)"),
              (lambda: create_vit("cifar_cpu")(torch.randn(1, 1, 32, 32)), "got (1, 1, 32, 32)"),
-             (lambda: from_torchvision({"fc.weight": torch.zeros(1)}), "unexpected key")]
+             (lambda: from_torchvision({"fc.weight": torch.zeros(1)}), "unexpected key"),
+             (lambda: from_torchvision({"heads.pre_logits.weight": torch.zeros(1)}), "representation layer")]
     for fn, words in cases:
         try:
             fn()
@@ -199,6 +212,22 @@ def test_lr_schedule_is_pure_warmup_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and math.isclose(lrs[100], 1e-5)
     assert math.isclose(lrs[55], 1e-5 + (1e-3 - 1e-5) * 0.5)
     assert common.lr_at(37, 100, 1e-3, 10) == common.lr_at(37, 100, 1e-3, 10)
+
+
+def test_pick_device_and_precision():
+    """auto: CUDA when there is one; --device cuda without one: one error line; CPU: fp32, no loss scaling."""
+    with unittest.mock.patch.object(torch.cuda, "is_available", return_value=True):
+        assert [common.pick_device(n).type for n in ("auto", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
+    with unittest.mock.patch.object(torch.cuda, "is_available", return_value=False):
+        assert [common.pick_device(n).type for n in ("auto", "cpu")] == ["cpu", "cpu"]
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                common.pick_device("cuda")
+                raise AssertionError("--device cuda accepted without a GPU")
+            except SystemExit as e:
+                assert e.code == 2 and "no CUDA GPU" in err.getvalue(), err.getvalue()
+    autocast, scaler, label = common.precision(torch.device("cpu"))
+    assert autocast is contextlib.nullcontext and not scaler.is_enabled() and label == "fp32"
 
 
 def test_optimizer_groups_skip_decay_on_norms_biases_tokens():
@@ -362,7 +391,9 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
               (lambda: common.load_checkpoint(str(tmp_path)), "is a folder"),
               (lambda: common.load_weights(ViT(img_size=16, patch_size=4, num_classes=5, dim=32, depth=1, heads=2),
                                            m.state_dict()), "head.weight (3, 32) vs (5, 32)"),
-              (lambda: common.load_weights(m2, {"fc.weight": torch.zeros(1)}), "unexpected (e.g. fc.weight)")]
+              (lambda: common.load_weights(m2, {"fc.weight": torch.zeros(1)}), "unexpected (e.g. fc.weight)"),
+              (lambda: common.load_weights(m2, {k: v for k, v in m.state_dict().items() if k != "norm.bias"}),
+               "1 missing (e.g. norm.bias)")]
     for fn, words in errors:
         try:
             fn()
@@ -861,8 +892,14 @@ def test_cifar_train_files_eval_predict(tmp_path):
     from torchvision.io import write_png
     img = tmp_path / "red.png"
     write_png(torch.tensor([200, 30, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 20, 24).contiguous(), str(img))
+    ck = torch.load(out / "ckpt.pt", weights_only=True)  # --predict uses the EMA's weights
+    ck["ema"]["head.bias"][3] = 100.0
+    torch.save(ck, out / "ckpt.pt")
     p = run_cifar("--predict", img, "--out-dir", out)  # the default checkpoint is <out-dir>/ckpt.pt
-    assert p.stdout.startswith(f"{img}: ") and p.stdout.count("%") == 5, p.stdout
+    assert p.stdout.startswith(f"{img}: cat 100.0%") and p.stdout.count("%") == 5, p.stdout
+    sys.path.insert(0, HERE)
+    import vit_cifar  # so is --eval-only's, without --resume
+    assert vit_cifar.get_args(["--eval-only", "--out-dir", str(out)]).ckpt == str(out / "ckpt.pt")
     check_error(run_cifar("--predict", tmp_path / "nope.png", "--out-dir", out, ok=False), "nope.png")
 
 
@@ -882,7 +919,7 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     for k in ("model", "ema"):
         assert a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
-    assert a["step"] == b["step"] == 20
+    assert a["step"] == b["step"] == 20 and a["ema_n"] == b["ema_n"] == 20  # the EMA's count goes on too
     rows = {}
     for d in "ab":  # the same rows: epoch 2's train loss counts the steps before the stop too
         with open(tmp_path / d / "log.csv") as f:
@@ -890,11 +927,14 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     assert [r[0] for r in rows["b"]] == ["1", "2"] and rows["a"] == rows["b"], rows
     # a stop at an epoch's last step (10 of 10) resumes into that epoch's end: its test, log row and save
     run_cifar(*base, "--out-dir", tmp_path / "c", "--interrupt-at", 10, ok=False)
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    torch.save({**c, "elapsed": 1e5}, tmp_path / "c" / "ckpt.pt")  # the time before the stop counts on: elapsed_s
     run_cifar(*base, "--out-dir", tmp_path / "c", "--resume", tmp_path / "c" / "ckpt.pt")
     c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
     assert c["step"] == 20 and all(torch.equal(a["model"][n], c["model"][n]) for n in a["model"])
     with open(tmp_path / "c" / "log.csv") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+        rows_c = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows_c] == ["1", "2"] and 1e5 <= float(rows_c[0]["elapsed_s"]) < 1e5 + 300, rows_c
     # a flag given again wins (--weight-decay too, which the optimizer's saved state held); --epochs may not end
     # before the checkpoint's step; another run's log.csv in --out-dir stays; a checkpoint made on another device
     run_cifar("--resume", tmp_path / "c" / "ckpt.pt", "--epochs", 3, "--weight-decay", 0.5)
@@ -973,7 +1013,9 @@ def test_cifar_clear_errors(tmp_path):
                         (["--compile", "fast"], "--compile"), (["--seed", "-1"], "--seed"),
                         (["--seed", str(2 ** 32)], "--seed"), (["--epochs", "2", "--warmup", "3"], "--warmup 3"),
                         (["--device", "cpu", "--dim", "128"], "--heads 3 (the CPU recipe's)"),
-                        (["--recipe", "full", "--dim", "100"], "--heads 6 (the cifar_s preset's)")):
+                        (["--recipe", "full", "--dim", "100"], "--heads 6 (the cifar_s preset's)"),
+                        (["--recipe", "full", "--heads", "5"], "--dim 384 (the cifar_s preset's) is not divisible by "
+                                                               "--heads 5: give --dim too")):
         code, line = flag_error(vit_cifar.get_args, ["--data-dir", data, *flags])
         assert code == 2 and word in line, (flags, line)
     # --compile alone keeps its meaning (torch.compile's default mode); a mode may follow it
@@ -1036,6 +1078,68 @@ def test_cifar_clear_errors(tmp_path):
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
 
 
+def test_cifar_flags_recipe_presets_resume_in_process(tmp_path):
+    """get_args alone, no data, no training: which recipe fills the flags not given (--flag=value counts as given),
+    presets against size flags, the bounds, --pretrained's recipe and shape flags, and what --resume takes from a
+    checkpoint (a forged one: get_args reads only its args)."""
+    sys.path.insert(0, HERE)
+    import vit_cifar
+
+    def get(*argv, cuda=False):
+        with unittest.mock.patch.object(torch.cuda, "is_available", return_value=cuda), \
+                contextlib.redirect_stdout(io.StringIO()):  # the recipe's note
+            return vit_cifar.get_args(list(map(str, argv)))
+    a = get("--device", "cpu", "--epochs=3", "--batch-size=16", "--model", "cifar_ti")
+    assert (a.recipe, a.epochs, a.batch_size, a.model, a.dim, a.lr) == ("cpu", 3, 16, "cifar_ti", None, 2e-3), a
+    if flag_error(vit_cifar.get_args, ["--epoch", "3"])[0] is None:  # an abbreviation, where argparse takes one,
+        assert get("--device", "cpu", "--epoch", 3).epochs == 3  # counts as given too
+    a = get()  # no GPU: the CPU recipe of the README (0.31M params)
+    assert (a.recipe, a.model, a.dim, a.heads, a.depth, a.epochs, a.batch_size, a.optimizer) == \
+        ("cpu", "cifar_cpu", 96, 3, 4, 11, 64, "muon"), a
+    for argv, cuda, recipe in (([], True, "auto"), (["--device", "cpu"], True, "cpu"),
+                               (["--recipe", "cpu"], True, "cpu"), (["--recipe", "full"], False, "full")):
+        a = get(*argv, cuda=cuda)
+        assert (a.recipe, a.epochs) == (recipe, 11 if recipe == "cpu" else 100), (argv, cuda, a)
+    for flags in (["--recipe", "full", "--epochs", "5"], ["--threads", str(os.cpu_count())]):  # on the bounds
+        assert flag_error(vit_cifar.get_args, flags)[0] is None, flags
+    for flags, word in ((["--epochs", "0"], "--epochs must be > 0"), (["--ema", "1"], "--ema must be < 1"),
+                        (["--lr", "inf"], "--lr must be finite"), (["--recipe", "full", "--epochs", "4"], "--warmup 5"),
+                        (["--device", "cpu", "--model", "cifar_ti", "--dim", "100"], "(the cifar_ti preset's)"),
+                        *(([f, v, "--pretrained", "w.pth"], f"{f}: with --pretrained the model's shape") for f, v in
+                          (("--model", "cifar_ti"), ("--patch", "8"), ("--dim", "64"), ("--depth", "2"),
+                           ("--mlp-ratio", "2"), ("--pool", "cls"), ("--pos-embed", "learn")))):
+        code, line = flag_error(vit_cifar.get_args, flags)
+        assert code == 2 and word in line, (flags, line)
+    # --pretrained: its recipe for the flags not given, --freeze's lr unless given; --eval-only reads no ckpt.pt
+    a = get("--pretrained", "w.pth", "--epochs", 2)
+    assert (a.epochs, a.batch_size, a.lr, a.warmup, a.drop_path, a.optimizer, a.ckpt) == (2, 128, 1e-4, 1, 0.1, "adamw",
+                                                                                          None), a
+    assert (get("--pretrained", "w.pth", "--freeze").lr, get("--pretrained", "w.pth", "--freeze", "--lr", 5e-4).lr) == \
+        (1e-3, 5e-4)
+    assert get("--eval-only", "--pretrained", "w.pth", "--out-dir", tmp_path).ckpt is None
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # --eval-only's default checkpoint: runs/<dataset>/ckpt.pt, none here
+    try:
+        code, line = flag_error(vit_cifar.get_args, ["--eval-only", "--dataset", "cifar100"])
+    finally:
+        os.chdir(cwd)
+    assert code == 2 and os.path.join("runs", "cifar100", "ckpt.pt") + " not found" in line, line
+    # --resume: the run's args, flags given again win, its folder is the out-dir (not the one saved); what it fixes
+    saved = vars(get("--device", "cpu", "--weight-decay", 0, "--out-dir", tmp_path / "elsewhere"))  # 0: one group
+    saved["arch"] = dict(img_size=32, patch_size=4, dim=96, depth=4, heads=3, mlp_ratio=2.0, pool="mean",
+                         pos_embed="sincos")
+    ck = tmp_path / "run" / "ckpt.pt"
+    ck.parent.mkdir()
+    torch.save({"model": {}, "args": saved, "classes": [str(i) for i in range(10)]}, ck)
+    a = get("--resume", ck, "--epochs", 20, "--eval-every", 2)
+    assert (a.out_dir, a.epochs, a.eval_every, a.lr, a.weight_decay) == (str(ck.parent), 20, 2, 2e-3, 0), a
+    assert get("--resume", ck, "--pretrained", "w.pth", "--dim", 96).pretrained is None  # the checkpoint wins
+    for flags, word in ((["--weight-decay", "0.05"], "--weight-decay 0.05"), (["--pool", "cls"], "--pool cls"),
+                        (["--pos-embed", "learn"], "--pos-embed learn"), (["--freeze"], "--freeze True")):
+        code, line = flag_error(vit_cifar.get_args, ["--resume", str(ck), *flags])
+        assert code == 2 and word in line and "keeps its dataset" in line, (flags, line)
+
+
 # ---------------------------------------------------------------------------------- pretrained weights (#6)
 
 def _tv_small(num_classes=10):
@@ -1086,17 +1190,34 @@ def test_pretrained_files_torchvision_timm_same_logits(tmp_path):
         assert rel_err(m.eval()(x), src(x)) < 1e-5
     # a checkpoint of these scripts keeps its head only for the same class names, not merely as many
     mine = randomize(ViT(img_size=32, patch_size=8, num_classes=3, dim=64, depth=1, heads=2))
+    stats = dict(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), crop_pct=0.9)  # e.g. vit_cifar's: not ImageNet's
     torch.save({"model": mine.state_dict(), "args": {"arch": dict(img_size=32, patch_size=8, dim=64, depth=1,
-                                                                  heads=2)}, "classes": ["a", "b", "c"]},
+                                                                  heads=2), **stats}, "classes": ["a", "b", "c"]},
                tmp_path / "ckpt.pt")
     for names, kept in ((["a", "b", "c"], True), (["x", "y", "z"], False), (None, True)):
         m, info = common.load_pretrained(str(tmp_path / "ckpt.pt"), 3, classes=names)
         assert info["style"] == "this project" and info["head_kept"] == kept and m.head.weight.any() == kept, names
+        assert {k: info[k] for k in stats} == stats, info  # its own input statistics and eval crop
     try:  # its heads are known: heads= (--heads) would build another model from the same weights
         common.load_pretrained(str(tmp_path / "ckpt.pt"), 3, heads=4)
         raise AssertionError("heads=4 accepted")
     except common.CheckpointError as e:
         assert "has 2 heads" in str(e), e
+
+
+def test_pretrained_files_without_class_token_qkv_bias_or_learned_positions(tmp_path):
+    """Plain ViTs of other layouts load as they are, at their size and resized: mean pooling with learned positions
+    (no prefix row: every row is the grid), no qkv bias, fixed sin-cos positions (none in the state_dict)."""
+    x = torch.randn(2, 3, 32, 32)
+    for kw in (dict(pool="mean", pos_embed="learn", qkv_bias=False), dict(pool="mean", pos_embed="sincos")):
+        src = randomize(ViT(img_size=32, patch_size=8, num_classes=5, dim=128, depth=2, heads=2, **kw)).eval()
+        torch.save(src.state_dict(), tmp_path / "w.pth")
+        m, info = common.load_pretrained(str(tmp_path / "w.pth"), 5, img_size=32)
+        assert info["head_kept"] and {k: info["arch"][k] for k in kw} == kw, info["arch"]
+        with torch.no_grad():
+            assert rel_err(m.eval()(x), src(x)) < 1e-6, kw
+        m48, _ = common.load_pretrained(str(tmp_path / "w.pth"), 5, img_size=48)  # grid 4x4 -> 6x6
+        assert m48.pos_embed.shape == (1, 36, 128) and m48(torch.randn(1, 3, 48, 48)).shape == (1, 5), kw
 
 
 def test_pretrained_clear_errors(tmp_path):
@@ -1179,6 +1300,10 @@ def test_pretrained_finetune_cifar_and_imagenet(tmp_path):
     assert acc is not None and acc == re_acc, (acc, p.stdout)
     p = run_cifar("--eval-only", "--resume", out / "ckpt.pt", "--data-dir", data)
     assert f"acc {acc}%" in p.stdout, p.stdout
+    ck = torch.load(out / "ckpt.pt", weights_only=True)  # as many classes, other names (e.g. Imagenette's ten):
+    torch.save({**ck, "classes": [f"c{i}" for i in range(10)]}, tmp_path / "other.pt")  # its head is not CIFAR's
+    check_error(run_cifar("--eval-only", "--pretrained", tmp_path / "other.pt", "--data-dir", data, "--out-dir",
+                          tmp_path / "o3", ok=False), "has no head for these 10 classes")
     imnet = _imagenet_tree(str(tmp_path / "imnet"))
     _run("--data-dir", imnet, "--out-dir", tmp_path / "fz", "--pretrained", tmp_path / "tv.pth", "--freeze",
          "--epochs", 1, "--batch-size", 8, "--warmup", 1, "--device", "cpu", "--workers", 0, "--crop-pct", 1)
@@ -1187,6 +1312,9 @@ def test_pretrained_finetune_cifar_and_imagenet(tmp_path):
     head = ck["model"]["head.weight"]
     assert ck["args"]["lr"] == 1e-3 and head.shape == (3, 128) and head.any()
     assert all(torch.equal(v, src[k]) for k, v in ck["model"].items() if not k.startswith("head."))
+    sys.path.insert(0, HERE)
+    import vit_imagenet  # a linear probe's --resume may say --freeze again
+    assert flag_error(vit_imagenet.get_args, ["--resume", str(tmp_path / "fz" / "ckpt.pt"), "--freeze"])[0] is None
     r = _run("--data-dir", imnet, "--eval-only", "--pretrained", tmp_path / "fz" / "ckpt.pt", "--workers", 0,
              "--out-dir", tmp_path / "fz2")
     assert "eval model | 12 images" in r.stdout, r.stdout
@@ -1259,7 +1387,10 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     # stopped in the middle of epoch 2 (as Ctrl-C does), resumed with other worker counts: the straight run's weights
     r = _run(*base, "--out-dir", b, "--workers", 0, "--stop-after", 4)
     assert "--resume" in r.stdout and len(_rows(b)) == 1
+    ck = torch.load(b / "ckpt.pt", weights_only=True)
+    torch.save({**ck, "elapsed": 1e5}, b / "ckpt.pt")  # the time before the stop counts on: elapsed_s
     _run("--resume", b / "ckpt.pt", "--workers", 2)
+    assert all(1e5 <= float(r["elapsed_s"]) < 1e5 + 300 for r in _rows(b)[1:]), _rows(b)
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     assert ca["step"] == cb["step"] == 9 and ca["epoch"] == cb["epoch"] == 3 and ca["args"]["arch"]["heads"] == 2
     assert all(torch.equal(ca[m][k], cb[m][k]) for m in ("model", "ema") for k in ca[m])
@@ -1275,8 +1406,18 @@ def test_imagenet_train_resume_ddp_eval_predict(tmp_path):
     assert "its run is complete" in _run("--resume", a / "ckpt.pt").stdout  # nothing left to train
     r = _run("--resume", a / "ckpt.pt", "--eval-only", "--workers", 0)
     assert f"top1 {float(rows[-1]['test_acc']):.2f}%" in r.stdout and f"{float(rows[-1]['test_loss']):.4f}" in r.stdout
-    r = _run("--pretrained", a / "ckpt.pt", "--eval-only", "--data-dir", data, "--workers", 0)  # as its run evaluated:
-    assert f"test_loss {float(rows[-1]['test_loss']):.4f}" in r.stdout, r.stdout  # IMNET_TINY's --crop-pct 1, not 0.875
+    ck = torch.load(a / "ckpt.pt", weights_only=True)  # its std and its patch weights doubled: the same logits, with
+    ck["args"]["std"] = tuple(2 * v for v in ck["args"]["std"])  # its own input statistics (not ImageNet's)
+    ck["model"]["patch_embed.proj.weight"] *= 2
+    torch.save(ck, tmp_path / "std2.pt")
+    r = _run("--pretrained", tmp_path / "std2.pt", "--eval-only", "--data-dir", data, "--workers", 0)  # as its run
+    assert f"test_loss {float(rows[-1]['test_loss']):.4f}" in r.stdout, r.stdout  # evaluated: --crop-pct 1, not 0.875
+    more = tmp_path / "more"  # other data: more steps per epoch than the checkpoint's run had
+    shutil.copytree(data, more)
+    for f in os.listdir(more / "train" / "n00"):  # 8 more images: 32, 4 steps of 8
+        shutil.copy(more / "train" / "n00" / f, more / "train" / "n00" / f"copy_{f}")
+    r = _run("--resume", a / "ckpt.pt", "--data-dir", more, "--workers", 0, ok=False)
+    assert r.returncode == 2 and "gives 4 steps per epoch, the checkpoint's run 3" in r.stderr, r.stderr[-2000:]
     files = [os.path.join(data, "val", "n02", f) for f in sorted(os.listdir(os.path.join(data, "val", "n02")))[:2]]
     lines = _run("--resume", a / "ckpt.pt", "--predict", *files).stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith(f + ": n02 ") for line, f in zip(lines, files)), lines
@@ -1350,6 +1491,22 @@ def test_stop_flag_takes_torchruns_copy_of_a_sigterm_as_one():
     finally:
         for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
             signal.signal(s, h)
+
+
+def test_resume_command_drops_one_off_flags():
+    """The printed command: this run's flags but the one-off ones (both spellings, with their values), shell-quoted."""
+    argv = ["vit_imagenet.py", "--data-dir", "my data", "--stop-after", "4", "--interrupt-at=15", "--lr", "1e-3",
+            "--resume", "old/ckpt.pt"]
+    with unittest.mock.patch.object(sys, "argv", argv):
+        cmd = common.resume_command("out dir/ckpt.pt")
+    assert cmd == "python vit_imagenet.py --data-dir 'my data' --lr 1e-3 --resume 'out dir/ckpt.pt'", cmd
+    sys.path.insert(0, HERE)
+    import vit_cifar
+    import vit_imagenet  # an abbreviation (--stop 4) would stay in that line: the resumed run would stop again
+    for get_args, argv in ((vit_imagenet.get_args, ["--data-dir", "d", "--stop", "4"]),
+                           (vit_cifar.get_args, ["--interrupt", "4"]), (vit_cifar.get_args, ["--res", "c.pt"])):
+        code, msg = flag_error(get_args, argv)
+        assert code == 2 and "unrecognized arguments" in msg, (argv, code, msg)
 
 
 def test_imagenet_evaluate_skips_a_batch_of_unreadable_images():
@@ -1518,6 +1675,56 @@ def test_imagenet_clear_errors(tmp_path):
     b = ds[0][0]
     ds.epoch = 0
     assert torch.equal(ds[0][0], a) and not torch.equal(a, b)
+
+
+def test_imagenet_flags_recipe_resume_crop_in_process(tmp_path):
+    """get_args alone: the patch from the resolution, --pretrained's recipe and shape flags, --resume keeping the
+    checkpoint's settings but the paths; then main() up to its eval transform: the crop that --crop-pct 0 means."""
+    sys.path.insert(0, HERE)
+    import vit_imagenet
+
+    def get(*argv):
+        return vit_imagenet.get_args(list(map(str, argv)))[0]
+    assert [(a.img_size, a.patch) for a in (get("--data-dir", "d", "--img-size", s) for s in (0, 128, 127, 64, 63))] \
+        == [(224, 16), (128, 16), (127, 8), (64, 8), (63, 4)]
+    a = get("--data-dir", "d", "--pretrained", "w.pth", "--epochs", 2)  # the weights' resolution (0) and the recipe
+    assert (a.img_size, a.epochs, a.batch_size, a.lr, a.warmup, a.mixup, a.randaug_mag) == (0, 2, 512, 1e-4, 500, 0, 9)
+    assert get("--data-dir", "d", "--pretrained", "w.pth", "--freeze", "--lr", 5e-4).lr == 5e-4
+    for flags, word in ((["--predict", "a.png"], "need --resume CKPT or --pretrained"),
+                        (["--data-dir", "d", "--crop-pct", "1.5"], "--crop-pct must be <= 1"),
+                        *(([f, v, "--data-dir", "d", "--pretrained", "w.pth"], f"{f}: with --pretrained the model's")
+                          for f, v in (("--model", "vit_b16"), ("--patch", "8"), ("--depth", "2"), ("--pool", "cls"),
+                                       ("--pos-embed", "learn")))):
+        code, line = flag_error(vit_imagenet.get_args, flags)
+        assert code == 2 and word in line, (flags, line)
+    saved = vars(get("--data-dir", tmp_path / "old", "--lr", 0.5, "--out-dir", tmp_path / "elsewhere"))
+    del saved["ema"]  # a flag newer than the checkpoint: its default
+    ck = tmp_path / "run" / "ckpt.pt"
+    ck.parent.mkdir()
+    torch.save({"model": {}, "args": saved, "classes": ["a", "b"], "step": 0, "steps_per_epoch": 1}, ck)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        a = get("--resume", ck, "--lr", 0.1, "--workers", 0, "--data-dir", tmp_path / "new")
+    assert (a.lr, a.ema, a.workers, a.data_dir, a.out_dir) == (0.5, 0.0, 0, str(tmp_path / "new"), str(ck.parent)), a
+    assert "keeps the checkpoint's --lr" in out.getvalue() and get("--resume", ck).data_dir == str(tmp_path / "old")
+    # the eval crop: a file's 0.875, a ckpt.pt's own, a --crop-pct given over both
+    vit = ViT(img_size=32, patch_size=8, num_classes=3, dim=32, depth=1, heads=2)
+    torch.save(vit.state_dict(), tmp_path / "sd.pth")
+    torch.save({"model": vit.state_dict(), "args": {"crop_pct": 0.5, "arch": {"heads": 2}}, "classes": ["a", "b", "c"]},
+               tmp_path / "own.pt")
+    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "x.png"))
+    crops, stop = [], type("Stop", (Exception,), {})
+
+    def spy(args, train):  # the crop is all this looks at
+        crops.append(args.crop_pct)
+        raise stop
+    for src, flags in (("sd.pth", []), ("own.pt", []), ("own.pt", ["--crop-pct", "1"]),
+                       ("sd.pth", ["--crop-pct", "0.9"])):
+        argv = ["vit_imagenet.py", "--pretrained", str(tmp_path / src), "--predict", str(tmp_path / "x.png"),
+                "--device", "cpu", *flags]
+        with unittest.mock.patch.object(sys, "argv", argv), contextlib.suppress(stop), \
+                unittest.mock.patch.object(vit_imagenet, "transforms", spy), contextlib.redirect_stdout(io.StringIO()):
+            vit_imagenet.main()
+    assert crops == [0.875, 0.5, 1.0, 0.9], crops
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark

@@ -56,8 +56,8 @@ CPU = dict(model="cifar_cpu", dim=96, heads=3, depth=4, pool="mean", pos_embed="
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,  # whole names: the
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # resume line drops them
     a = p.add_argument
     a("--dataset", default="cifar10", choices=list(DATASETS), help="which CIFAR")
     a("--data-dir", default="./data", help="holds cifar-10-batches-py/ or cifar-100-python/ (downloaded if missing)")
@@ -153,9 +153,11 @@ def get_args(argv=None):
         p.error(f"--warmup {args.warmup:g} is more than --epochs {args.epochs}: the lr would never reach its peak")
     dim, heads = (getattr(args, k) or C.PRESETS[args.model][k] for k in ("dim", "heads"))
     if not (args.ckpt or args.pretrained) and dim % heads:  # before the data loads; the weights' shape is checked there
-        src = ("" if "heads" in given else " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given
+        k = "heads" if "heads" not in given else "dim" if "dim" not in given else None  # the one not given, if any
+        src = ("" if k is None else " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given
                else f" (the {args.model} preset's)")
-        p.error(f"--dim {dim} is not divisible by --heads {heads}{src}: give --heads too")
+        p.error(f"--dim {dim}{src * (k == 'dim')} is not divisible by --heads {heads}{src * (k == 'heads')}" +
+                (f": give --{k} too" if k else ""))
     return args
 
 

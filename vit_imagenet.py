@@ -61,8 +61,8 @@ FINETUNE = dict(epochs=10, batch_size=512, lr=1e-4, warmup=500, weight_decay=0.0
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,  # whole names: the
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # resume line drops them
     a = p.add_argument
     a("--data-dir", help="holds train/ and val/ (ImageNet, ImageFolder or TinyImageNet-200); --resume: the ckpt's")
     a("--val-dir", default="auto", help="evaluation folder inside --data-dir; auto: val/, else test/")
