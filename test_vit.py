@@ -901,6 +901,23 @@ def test_cifar_train_files_eval_predict(tmp_path):
     import vit_cifar  # so is --eval-only's, without --resume
     assert vit_cifar.get_args(["--eval-only", "--out-dir", str(out)]).ckpt == str(out / "ckpt.pt")
     check_error(run_cifar("--predict", tmp_path / "nope.png", "--out-dir", out, ok=False), "nope.png")
+    # the printed classes are those of the mean logits of each image and its mirror image (large random EMA weights
+    # and a noise image, so that the plain logits would print another line)
+    noise = tmp_path / "noise.png"
+    (tmp_path / "r").mkdir()
+    write_png(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+              str(noise))
+    m = randomize(ViT(num_classes=10, **ck["args"]["arch"]), std=0.3).eval()
+    torch.save({**ck, "ema": m.state_dict()}, tmp_path / "r" / "ckpt.pt")
+    x = (common.read_image(str(noise), 32)[None] - torch.tensor(ck["args"]["mean"]).view(1, 3, 1, 1)) / \
+        torch.tensor(ck["args"]["std"]).view(1, 3, 1, 1)
+    want = {}
+    for k, logits in (("plain", m(x)), ("flip", (m(x) + m(x.flip(-1))) / 2)):
+        with contextlib.redirect_stdout(io.StringIO()) as o, torch.no_grad():
+            common.print_top5(logits.detach(), [str(noise)], ck["classes"])
+        want[k] = o.getvalue()
+    p = run_cifar("--predict", noise, "--resume", tmp_path / "r" / "ckpt.pt")
+    assert want["plain"] != want["flip"] and p.stdout == want["flip"], (p.stdout, want)
 
 
 def test_cifar_exact_resume_after_sigterm(tmp_path):
