@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg, write_png
 
 import common
+import mini_vit
+import vit_cifar
+import vit_imagenet
 from common import ViT, create_vit, from_torchvision, resize_pos_embed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -497,8 +500,6 @@ def test_mini_short_run(tmp_path):
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     assert ckpt['args']['dim'] == 32 and 'head.weight' in ckpt['model'] and 'blocks.1.attn.qkv.weight' in ckpt['model']
     assert not os.path.exists(str(out / 'model.pt.tmp'))
-    sys.path.insert(0, HERE)
-    import mini_vit
     import torchvision
     save, calls = torch.save, []
 
@@ -660,8 +661,6 @@ def test_muon_equals_torch_muon():
     # steps with momentum and decay
     if not hasattr(torch.optim, 'Muon'):
         raise unittest.SkipTest(f'torch {torch.__version__} has no torch.optim.Muon (new in 2.9)')
-    sys.path.insert(0, HERE)
-    import mini_vit
     for cls in (mini_vit.Muon, common.Muon):
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(0.02 * torch.randn(s, dtype=torch.float64)) for s in [(96, 32)] * 3 + [(32, 64)] * 2]
@@ -685,9 +684,6 @@ def test_muon_equals_torch_muon():
 
 
 def test_mini_state_dict_parity_with_common(tmp_path):
-    sys.path.insert(0, HERE)
-    import common
-    import mini_vit
     torch.manual_seed(0)
     x = torch.randn(5, 1, 28, 28)
     for pool, patch in (('cls', 4), ('mean', 7)):
@@ -723,8 +719,6 @@ def test_mini_state_dict_parity_with_common(tmp_path):
 
 
 def test_mini_lr_augment_units_eval_mode():
-    sys.path.insert(0, HERE)
-    import mini_vit
     lrs = [mini_vit.get_lr(s, 100, 10, 1.0) for s in range(100)]  # warmup from 1/10 of the peak, then cosine to ~0
     assert math.isclose(lrs[0], 0.1) and math.isclose(lrs[9], 1.0) and math.isclose(lrs[10], 1.0), lrs[:11]
     assert math.isclose(lrs[55], 0.5) and lrs[99] < 1e-3 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -757,8 +751,7 @@ def test_mini_missing_dataset_offline(tmp_path):
     assert len(lines) == 1, r.stderr
     assert os.path.join(str(tmp_path), 'FashionMNIST', 'raw') in lines[0] and 'train-images-idx3-ubyte' in lines[0]
     assert not os.path.exists(str(tmp_path / 'out' / 'log.csv'))
-    sys.path.insert(0, HERE)
-    import mini_vit  # files there but corrupt: a label out of 0..9, a truncated image file; in-process, no download
+    # files there but corrupt: a label out of 0..9, a truncated image file; in-process, no download
     _write_tiny_mnist(str(tmp_path))
     raw = tmp_path / 'MNIST' / 'raw'
     (raw / 't10k-labels-idx1-ubyte').unlink()  # one of four missing: a download would replace the other three
@@ -788,8 +781,6 @@ def test_mini_bad_flags(tmp_path):
     # the script once end to end, then get_args in-process: each subprocess pays the torch import
     r = _run_mini('--patch-size', '5', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'out'), env=_env())
     assert r.returncode == 2 and 'Traceback' not in r.stderr and '--patch-size 5' in r.stderr.splitlines()[-1]
-    sys.path.insert(0, HERE)
-    import mini_vit
     bad = [(['--batch-size', '0'], 'batch-size'), (['--epochs', '-1'], 'epochs'), (['--dim', '30', '--heads', '4'],
            'heads'), (['--patch-size', '0'], 'patch-size'), (['--label-smoothing', '1.5'], 'label-smoothing'),
            (['--label-smoothing', 'nan'], 'label-smoothing'), (['--threads', '-1'], 'threads'),
@@ -897,8 +888,7 @@ def test_cifar_train_files_eval_predict(tmp_path):
     torch.save(ck, out / "ckpt.pt")
     p = run_cifar("--predict", img, "--out-dir", out)  # the default checkpoint is <out-dir>/ckpt.pt
     assert p.stdout.startswith(f"{img}: cat 100.0%") and p.stdout.count("%") == 5, p.stdout
-    sys.path.insert(0, HERE)
-    import vit_cifar  # so is --eval-only's, without --resume
+    # <out-dir>/ckpt.pt is --eval-only's default checkpoint too, without --resume
     assert vit_cifar.get_args(["--eval-only", "--out-dir", str(out)]).ckpt == str(out / "ckpt.pt")
     check_error(run_cifar("--predict", tmp_path / "nope.png", "--out-dir", out, ok=False), "nope.png")
     # the printed classes are those of the mean logits of each image and its mirror image (large random EMA weights
@@ -978,8 +968,6 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
                           ok=False), "made on cuda")
     # what a checkpoint fixes (dataset, model, batch size, seed, the optimizer's set-up), and shape flags beside
     # --pretrained (the weights fix the shape); another run's ckpt.pt in --out-dir; other data
-    sys.path.insert(0, HERE)
-    import vit_cifar
     for flags, word in ((["--pretrained", "w.pth", "--dim", "64"], "comes from the weights"),
                         (["--freeze"], "needs --pretrained")):
         code, line = flag_error(vit_cifar.get_args, flags)
@@ -1006,8 +994,7 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
 def test_cifar_clear_errors(tmp_path):
     data, out = write_cifar10(tmp_path / "data", n_train=80, n_test=20), tmp_path / "out"
     base = ["--data-dir", data, "--out-dir", out, "--epochs", 1, *CIFAR_TINY]
-    sys.path.insert(0, HERE)
-    import vit_cifar  # the flag checks in-process: they run before anything else
+    # the flag checks in-process: they run before anything else
     x = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)  # augment() flips about half of the images: dark left half
     x[..., 16:] = 255
     a = vit_cifar.augment(x, torch.Generator().manual_seed(0), argparse.Namespace(policy="none", erase=0),
@@ -1099,8 +1086,6 @@ def test_cifar_flags_recipe_presets_resume_in_process(tmp_path):
     """get_args alone, no data, no training: which recipe fills the flags not given (--flag=value counts as given),
     presets against size flags, the bounds, --pretrained's recipe and shape flags, and what --resume takes from a
     checkpoint (a forged one: get_args reads only its args)."""
-    sys.path.insert(0, HERE)
-    import vit_cifar
 
     def get(*argv, cuda=False):
         with unittest.mock.patch.object(torch.cuda, "is_available", return_value=cuda), \
@@ -1108,8 +1093,6 @@ def test_cifar_flags_recipe_presets_resume_in_process(tmp_path):
             return vit_cifar.get_args(list(map(str, argv)))
     a = get("--device", "cpu", "--epochs=3", "--batch-size=16", "--model", "cifar_ti")
     assert (a.recipe, a.epochs, a.batch_size, a.model, a.dim, a.lr) == ("cpu", 3, 16, "cifar_ti", None, 2e-3), a
-    if flag_error(vit_cifar.get_args, ["--epoch", "3"])[0] is None:  # an abbreviation, where argparse takes one,
-        assert get("--device", "cpu", "--epoch", 3).epochs == 3  # counts as given too
     a = get()  # no GPU: the CPU recipe of the README (0.31M params)
     assert (a.recipe, a.model, a.dim, a.heads, a.depth, a.epochs, a.batch_size, a.optimizer) == \
         ("cpu", "cifar_cpu", 96, 3, 4, 11, 64, "muon"), a
@@ -1329,8 +1312,7 @@ def test_pretrained_finetune_cifar_and_imagenet(tmp_path):
     head = ck["model"]["head.weight"]
     assert ck["args"]["lr"] == 1e-3 and head.shape == (3, 128) and head.any()
     assert all(torch.equal(v, src[k]) for k, v in ck["model"].items() if not k.startswith("head."))
-    sys.path.insert(0, HERE)
-    import vit_imagenet  # a linear probe's --resume may say --freeze again
+    # a linear probe's --resume may say --freeze again
     assert flag_error(vit_imagenet.get_args, ["--resume", str(tmp_path / "fz" / "ckpt.pt"), "--freeze"])[0] is None
     r = _run("--data-dir", imnet, "--eval-only", "--pretrained", tmp_path / "fz" / "ckpt.pt", "--workers", 0,
              "--out-dir", tmp_path / "fz2")
@@ -1477,8 +1459,6 @@ def test_imagenet_tinyimagenet_layout_mixup_ema_bad_image(tmp_path):
 def test_imagenet_augmentation_is_per_image_and_epoch(tmp_path):
     """A training image's crop, flip and RandAugment are a function of (seed, epoch, index): the same in any worker
     or process, another for another image or epoch."""
-    sys.path.insert(0, HERE)
-    import vit_imagenet
     from torchvision.io import write_png
     p = str(tmp_path / "a.png")
     write_png(torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), p)
@@ -1517,9 +1497,7 @@ def test_resume_command_drops_one_off_flags():
     with unittest.mock.patch.object(sys, "argv", argv):
         cmd = common.resume_command("out dir/ckpt.pt")
     assert cmd == "python vit_imagenet.py --data-dir 'my data' --lr 1e-3 --resume 'out dir/ckpt.pt'", cmd
-    sys.path.insert(0, HERE)
-    import vit_cifar
-    import vit_imagenet  # an abbreviation (--stop 4) would stay in that line: the resumed run would stop again
+    # an abbreviation (--stop 4) would stay in that line: the resumed run would stop again
     for get_args, argv in ((vit_imagenet.get_args, ["--data-dir", "d", "--stop", "4"]),
                            (vit_cifar.get_args, ["--interrupt", "4"]), (vit_cifar.get_args, ["--res", "c.pt"])):
         code, msg = flag_error(get_args, argv)
@@ -1527,7 +1505,7 @@ def test_resume_command_drops_one_off_flags():
 
 
 def test_imagenet_evaluate_skips_a_batch_of_unreadable_images():
-    import vit_imagenet  # a short last batch whose one image is unreadable: skipped and counted, not a stop
+    # a short last batch whose one image is unreadable: skipped and counted, not a stop
     m, cpu = ViT(img_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2), torch.device("cpu")
     dl = [(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1]), ["a.jpg: truncated"]),
           (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), ["b.jpg: truncated"])]
@@ -1545,9 +1523,6 @@ def test_imagenet_evaluate_skips_a_batch_of_unreadable_images():
 def test_loops_apply_label_smoothing_and_clipping(tmp_path):
     """The training loops pass --label-smoothing to the loss and the clip value to the optimizer step (a dropped one
     would still train, so no other test would notice). In-process, with spies on the two calls."""
-    sys.path.insert(0, HERE)
-    import vit_cifar
-    import vit_imagenet
     cifar = ["--data-dir", write_cifar10(tmp_path / "c", n_train=80, n_test=20), "--out-dir", tmp_path / "oc",
              "--epochs", 1, *CIFAR_TINY, *CIFAR_LIGHT, "--label-smoothing", 0.3, "--clip-grad", 0.7]
     imnet = [IMAGENET, "--data-dir", _imagenet_tree(str(tmp_path / "i")), "--out-dir", tmp_path / "oi", "--epochs", 2,
@@ -1676,8 +1651,6 @@ def test_imagenet_clear_errors(tmp_path):
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
     with open(tmp_path / "full" / "log.csv") as f:  # no row for an epoch whose save failed: a resume repeats it
         assert len(f.read().splitlines()) == 1
-    sys.path.insert(0, HERE)
-    import vit_imagenet
     for flags, word in ((["--randaug-mag", "31"], "--randaug-mag must be <= 30"), (["--clip", "nan"], "--clip"),
                         (["--pretrained", "w.pth", "--pool", "cls"], "comes from the weights"),
                         (["--freeze"], "needs --pretrained"), (["--threads", "100000"], "cores"),
@@ -1697,8 +1670,6 @@ def test_imagenet_clear_errors(tmp_path):
 def test_imagenet_flags_recipe_resume_crop_in_process(tmp_path):
     """get_args alone: the patch from the resolution, --pretrained's recipe and shape flags, --resume keeping the
     checkpoint's settings but the paths; then main() up to its eval transform: the crop that --crop-pct 0 means."""
-    sys.path.insert(0, HERE)
-    import vit_imagenet
 
     def get(*argv):
         return vit_imagenet.get_args(list(map(str, argv)))[0]
@@ -1812,7 +1783,6 @@ def bench_aug():
     the same step fed by a fixed, pre-made batch or by augment() per batch or in vit_cifar's chunks, interleaved."""
     import argparse
     from torchvision.transforms import v2
-    import vit_cifar
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast, _, prec = common.precision(dev)
     cuda = dev.type == "cuda"

@@ -153,10 +153,10 @@ def get_args(argv=None):
         p.error(f"--warmup {args.warmup:g} is more than --epochs {args.epochs}: the lr would never reach its peak")
     dim, heads = (getattr(args, k) or C.PRESETS[args.model][k] for k in ("dim", "heads"))
     if not (args.ckpt or args.pretrained) and dim % heads:  # before the data loads; the weights' shape is checked there
-        k = "heads" if "heads" not in given else "dim" if "dim" not in given else None  # the one not given, if any
-        src = ("" if k is None else " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given
-               else f" (the {args.model} preset's)")
-        p.error(f"--dim {dim}{src * (k == 'dim')} is not divisible by --heads {heads}{src * (k == 'heads')}" +
+        k = next((k for k in ("heads", "dim") if k not in given), None)  # the value the user did not give, if any
+        src = {k: " (the CPU recipe's)" if args.recipe == "cpu" and "model" not in given else f" (the {args.model} "
+               "preset's)"} if k else {}
+        p.error(f"--dim {dim}{src.get('dim', '')} is not divisible by --heads {heads}{src.get('heads', '')}" +
                 (f": give --{k} too" if k else ""))
     return args
 
