@@ -2096,7 +2096,8 @@ def main():
             status, why = "skipped", f": {e}"
         except (Exception, SystemExit) as e:  # SystemExit: an unexpected error line, which must not end the run
             import traceback
-            status, why = "failed", "\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__))  # 3.9: three arguments
+            why = "".join(traceback.format_exception(type(e), e, e.__traceback__))  # three arguments: Python 3.9
+            status, why = "failed", "\n" + why
         counts[status] += 1
         print(f"{status.upper():7s} {name} ({time.time() - t:.1f}s){why}", flush=True)
     print(f"total {time.time() - t_all:.0f}s")
