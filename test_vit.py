@@ -951,17 +951,10 @@ def test_mini_missing_dataset_offline(tmp_path):
             raise AssertionError(f'--data-dir {d} accepted')
         except SystemExit as e:
             assert 'holds the idx files itself' in str(e.code) and not (d / 'MNIST').exists(), e.code
-    _write_tiny_mnist(str(tmp_path))
-    for name, cut in (('t10k-labels-idx1-ubyte', lambda b: b[:-1] + bytes([12])), ('train-images-idx3-ubyte',
-                                                                                  lambda b: b[:5000])):
-        (raw / name).write_bytes(cut((raw / name).read_bytes()))
-        try:
-            mini_vit.load_data(mini_vit.get_args(['--data-dir', str(tmp_path)]))
-            raise AssertionError(f'corrupt {name} accepted')
-        except SystemExit as e:
-            assert 'truncated or corrupt' in str(e.code), e.code
     mnist = mini_vit.DATASETS['mnist']
-    for name, cut in (('train-labels-idx1-ubyte', lambda b: b[:-1] + bytes([10])),  # a label past 9
+    for name, cut in (('t10k-labels-idx1-ubyte', lambda b: b[:-1] + bytes([12])),  # a label past 9, a cut file
+                      ('train-images-idx3-ubyte', lambda b: b[:5000]),
+                      ('train-labels-idx1-ubyte', lambda b: b[:-1] + bytes([10])),
                       ('train-images-idx3-ubyte', lambda b: struct.pack('>IIII', 2051, 512, 32, 32)  # 32 x 32 images
                        + (b[16:] * 2)[:512 * 32 * 32]),
                       ('t10k-labels-idx1-ubyte', lambda b: struct.pack('>II', 2049, 127) + b[8:-1])):  # 127 labels
