@@ -300,6 +300,7 @@ def test_evaluate_counts_top1_top5():
     z = torch.tensor([[6., 5, 4, 3, 2, 1, 0]])  # class 4 ranks 5th: in the top 5; class 5 ranks 6th
     assert [common.evaluate(Fixed(), [(z, torch.tensor([c]))])[2] for c in (4, 5)] == [1, 0]
     assert common.evaluate(Fixed(), [(z.repeat(3, 1), torch.tensor([4, 4, 5]))])[2] == 2  # per row, not per column
+    assert common.evaluate(Fixed(), [(z[:, :3], torch.tensor([2]))])[1:3].tolist() == [0, 1]  # 3 classes: all top 5
 
     class Row(torch.nn.Module):  # logits: the image's top row; flip=True mirrors left-right
         def forward(self, x):
@@ -309,6 +310,15 @@ def test_evaluate_counts_top1_top5():
     assert math.isclose(loss, F.cross_entropy(torch.tensor([[2., 0, 2]]), torch.tensor([2])).item(), rel_tol=1e-6)
     empty = common.evaluate(torch.nn.Linear(7, 7), [])  # a rank with no validation images still all_reduces
     assert empty.tolist() == [0, 0, 0, 0] and empty.dtype == torch.float64
+
+    class Mode(Fixed):  # records the mode it ran in
+        def forward(self, x):
+            self.ran_training = self.training
+            return x
+    for training in (True, False):  # evaluated in eval mode, then left in the mode it was in
+        m = Mode().train(training)
+        common.evaluate(m, [(x, y)])
+        assert m.ran_training is False and m.training is training
 
 
 def test_plot_curves_every_epoch_and_errors(tmp_path):
@@ -1692,6 +1702,8 @@ def test_imagenet_augmentation_is_per_image_and_epoch(tmp_path):
     assert x0.shape == (3, 32, 32) and torch.equal(x0, ds[0][0]) and not torch.equal(x0, ds[1][0])
     ds.epoch = 1
     assert not torch.equal(x0, ds[0][0])
+    ds.epoch, ds.seed = 0, 1  # another --seed
+    assert not torch.equal(x0, ds[0][0])
 
 
 def test_stop_flag_takes_torchruns_copy_of_a_sigterm_as_one():
@@ -1937,6 +1949,341 @@ def test_imagenet_flags_recipe_resume_crop_in_process(tmp_path):
                 unittest.mock.patch.object(vit_imagenet, "transforms", spy), contextlib.redirect_stdout(io.StringIO()):
             vit_imagenet.main()
     assert crops == [0.875, 0.5, 1.0, 0.9], crops
+
+
+def test_imagenet_scan_layouts_in_process(tmp_path):
+    """scan() alone: train/ in torchvision's make_dataset order (sub-folders too, a link loop once); val/ before
+    test/; TinyImageNet's val_annotations.txt with a blank line, entries without a box, CRLF and a few listed files
+    missing; an empty val class; --eval-only (need_train=False) walks no train/; one line for a val/ of no image,
+    an unknown wnid, a split folder given as --data-dir."""
+    from torchvision.datasets.folder import make_dataset
+
+    def scan(root, need_train=True):
+        return vit_imagenet.scan(argparse.Namespace(data_dir=str(root), val_dir="auto"), need_train)
+
+    def error(root, **kw):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                scan(root, **kw)
+            except SystemExit as e:
+                assert e.code == 2, e.code
+                return err.getvalue()
+        raise AssertionError(f"{root} scanned")
+    data = _imagenet_tree(str(tmp_path / "d"), n_train=3, n_val=2, size=8)
+    for sub in "fbdcea":  # created out of order: os.walk lists them as the file system does
+        os.makedirs(os.path.join(data, "train", "n00", sub))
+        for f in "31524":
+            shutil.copy(os.path.join(data, "train", "n00", "n00_train_0.png"), os.path.join(data, "train", "n00", sub,
+                                                                                            f + ".png"))
+    train, val, classes = scan(data)
+    tr = os.path.join(data, "train")
+    assert classes == ["n00", "n01", "n02"] and len(train) == 39 and len(val) == 6
+    assert train == make_dataset(tr, {c: i for i, c in enumerate(classes)}, extensions=vit_imagenet.EXTS)
+    os.symlink(".", os.path.join(tr, "n01", "self"))  # a link to the class folder itself: walked once
+    assert scan(data)[0] == train
+    shutil.copytree(os.path.join(data, "val"), os.path.join(data, "test"))
+    os.remove(os.path.join(data, "test", "n00", "n00_val_0.png"))
+    assert len(scan(data)[1]) == 6  # val/, not test/
+    for f in os.listdir(os.path.join(data, "val", "n02")):  # a val class without images: allowed
+        os.remove(os.path.join(data, "val", "n02", f))
+    assert [y for _, y in scan(data)[1]] == [0, 0, 1, 1]
+    for f in os.listdir(os.path.join(data, "train", "n01")):  # --eval-only: train/ is not walked
+        os.remove(os.path.join(data, "train", "n01", f))
+    assert scan(data, need_train=False)[0] == [] and "n01 has no images" in error(data)
+    for c in ("n00", "n01"):
+        for f in os.listdir(os.path.join(data, "val", c)):
+            os.remove(os.path.join(data, "val", c, f))
+    assert "no images in" in error(data, need_train=False)
+    assert "not the split itself" in error(os.path.join(data, "val"))
+    tiny = _imagenet_tree(str(tmp_path / "t"), tiny=True, n_train=1, n_val=5, size=8)  # 15 val images
+    ann, names = os.path.join(tiny, "val", "val_annotations.txt"), sorted(os.listdir(os.path.join(tiny, "val",
+                                                                                                   "images")))
+    rows = [f"{f}\t{f[:3]}" + ("\r\n" if i % 3 else "\t0\t0\t7\t7\n") for i, f in enumerate(names)]  # wnid, no box
+    with open(ann, "w", newline="") as f:
+        f.write("".join(rows[:4]) + "\n" + "".join(rows[4:]) + "\n")  # blank lines: skipped
+    for f in names[:2]:  # a few missing: skipped later, as unreadable ones
+        os.remove(os.path.join(tiny, "val", "images", f))
+    val = scan(tiny)[1]
+    assert val == [(os.path.join(tiny, "val", "images", f), int(f[2])) for f in names], val
+    with open(ann, "a") as f:
+        f.write("extra.JPEG\tn09\t0\t0\t7\t7\n")
+    assert "1 classes that" in error(tiny)
+
+
+def test_imagenet_transforms_eval_crop_train_crop_flip_randaug():
+    """Eval: the short side resized to round(img_size / crop_pct), aspect kept, then the center crop. Train at
+    --crop-scale 1 on a square image: the whole image, antialiased bilinear, mirrored left-right about half the time;
+    RandAugment with --randaug ops at --randaug-mag, none at --randaug 0."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8, generator=g)  # landscape: short side 40 -> 37
+    ev = vit_imagenet.transforms(argparse.Namespace(img_size=32, crop_pct=0.875), False)
+    want = TF.center_crop(TF.resize(img, [37, 55]), [32, 32])
+    assert all(torch.equal(ev(img), want) for _ in range(3))
+    sq = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=g)
+    args = argparse.Namespace(img_size=32, crop_scale=1.0, randaug=0, randaug_mag=10)
+    tr = vit_imagenet.transforms(args, True)
+    whole = TF.resize(sq, [32, 32], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        outs = [tr(sq) for _ in range(16)]
+    flips = [torch.equal(o, whole.flip(-1)) for o in outs]
+    assert all(f or torch.equal(o, whole) for o, f in zip(outs, flips)) and 0 < sum(flips) < 16, flips
+    assert not any(isinstance(t, v2.RandAugment) for t in tr.transforms)
+    args.randaug, args.randaug_mag = 3, 7
+    assert [(t.num_ops, t.magnitude) for t in vit_imagenet.transforms(args, True).transforms
+            if isinstance(t, v2.RandAugment)] == [(3, 7)]
+
+
+def test_imagenet_skips_limits_and_processes(tmp_path):
+    """Unreadable images: (None, 'path: reason') from the dataset; each counted once; more than 10 and 1% of all stop
+    the run at once, as does a whole batch; note() counts over all processes (all_gather_object faked: what the
+    other process met) and stops on their sum."""
+    (tmp_path / "a.png").write_bytes(b"junk")
+    x, why = vit_imagenet.Images([(str(tmp_path / "a.png"), 0)], None, 8)[0]
+    assert x is None and why.startswith(f"{tmp_path / 'a.png'}: ") and len(why.splitlines()) == 1, why
+
+    def dies(fn):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                fn()
+            except SystemExit as e:
+                return e.code == 2 and "unreadable" in err.getvalue()
+        return False
+    s = vit_imagenet.Skips(100, 1, None)
+    s([f"{i}.jpg: bad" for i in range(10)])
+    s(["0.jpg: bad"])  # met again: counted once
+    assert s.note() == " | skipped 10 unreadable (e.g. 0.jpg: bad)" and not dies(s.note)
+    assert dies(lambda: s(["10.jpg: bad"]))  # the 11th of 100: at once, not at the epoch's end
+    big = vit_imagenet.Skips(2000, 1, None)  # 1% of 2000: 20
+    big([f"{i}.jpg: bad" for i in range(20)])
+    assert dies(lambda: big(["20.jpg: bad"]))
+    assert dies(lambda: vit_imagenet.Skips(100, 1, None)(["a.jpg: bad"], whole_batch=True))
+
+    def others(bad):  # all_gather_object: this process's list, then the other one's
+        return unittest.mock.patch.object(vit_imagenet.dist, "all_gather_object",
+                                          side_effect=lambda out, mine, group=None: out.__setitem__(slice(None),
+                                                                                                    [mine, bad]))
+    s = vit_imagenet.Skips(1000, 2, None)
+    s(["a: x", "b: x", "c: x"])
+    with others(["c: x", "d: x"]):
+        assert s.note() == " | skipped 4 unreadable (e.g. a: x)"
+    s([f"{i}: x" for i in range(5)])
+    with others([f"o{i}: x" for i in range(4)]):  # 8 here and 4 there: 12 of 1000
+        assert dies(s.note)
+
+
+def test_imagenet_stops_on_an_unreadable_training_batch(tmp_path):
+    """A micro-batch of unreadable images only (here one image per micro-batch) stops the run with one line, even
+    when the count is below the limit: there is nothing to train on."""
+    data = _imagenet_tree(str(tmp_path / "d"), classes=2, n_train=4, n_val=2)
+    with open(os.path.join(data, "train", "n01", "n01_train_0.png"), "wb") as f:
+        f.write(b"junk")
+    argv = ["vit_imagenet.py", "--data-dir", data, "--out-dir", str(tmp_path / "o"), "--epochs", "1", "--workers", "0",
+            *IMNET_TINY, "--warmup", "0", "--accum-steps", "8", "--mixup", "0"]
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        with unittest.mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            vit_imagenet.main()
+        raise AssertionError("trained on an empty batch")
+    except SystemExit as e:
+        assert e.code == 2 and "1 of 12 images unreadable" in err.getvalue(), err.getvalue()
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
+            signal.signal(s, h)
+
+
+def test_imagenet_two_processes_in_process(tmp_path):
+    """main() as rank 1, then as rank 0, of 2 processes, in this process (setup, DDP and the collectives faked).
+    Rank 1 draws its shard of the --seed permutation each epoch, its augmentation seeded by --seed, evaluates its
+    own val shard, writes and prints nothing (a SIGTERM in its last step too). The step seeds differ per step and
+    per rank. A stop that another process asked for (the flag's all_reduce) stops rank 0 at that step: saved, one
+    line, exit 130. On a fake clock (loading 0.25 s an image, a forward 1 s): the global batch's img/s and the
+    data share of the time."""
+    from torch.utils.data import DistributedSampler
+    data = _imagenet_tree(str(tmp_path / "d"), classes=2, n_val=3)  # 16 train, 6 val; batch 8: 2 steps of 4 a rank
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module, **_):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            clock[0] += 1.0
+            return self.module(x)
+
+        def no_sync(self):
+            return contextlib.nullcontext()
+    get, handlers = vit_imagenet.Images.__getitem__, [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    clock = [1e4]  # vit_imagenet's time.time()
+
+    def run(rank, out, stop_at=0):
+        loaded, flags = [], []
+
+        def getitem(self, i):
+            if self.seed is not None:  # training images
+                clock[0] += 0.25
+            loaded.append((self.seed, self.epoch, i) if self.seed is not None else i)
+            if rank == 1 and loaded[-1] == want[-4]:  # its last training image: a SIGTERM in the last step
+                os.kill(os.getpid(), signal.SIGTERM)  # (nothing left to stop), and no line about it
+            return get(self, i)
+
+        def all_reduce(t, group="none"):
+            if group == "none":  # the loss and evaluation sums: the other process's as this one's
+                t.mul_(2)
+            else:  # agreed(): the stop flag, plus the other process's, set there at its stop_at-th call
+                flags.append(t.item())
+                t.add_(float(len(flags) == stop_at))
+        argv = ["vit_imagenet.py", "--data-dir", data, "--out-dir", str(out), "--epochs", "2", "--workers", "0",
+                "--seed", "5", *IMNET_TINY, "--mixup", "0", "--img-size", "16", "--depth", "1"]  # small: fast
+        code = None
+        with unittest.mock.patch.object(sys, "argv", argv), \
+                unittest.mock.patch.object(vit_imagenet, "setup", return_value=(rank, 2, torch.device("cpu"), None)), \
+                unittest.mock.patch.object(vit_imagenet, "DDP", FakeDDP), \
+                unittest.mock.patch.object(vit_imagenet.dist, "all_reduce", side_effect=all_reduce), \
+                unittest.mock.patch.object(vit_imagenet.dist, "all_gather_object",
+                                           side_effect=lambda o, mine, group=None: o.__setitem__(slice(None),
+                                                                                                 [mine, mine])), \
+                unittest.mock.patch.object(torch, "manual_seed", wraps=torch.manual_seed) as seed, \
+                unittest.mock.patch.object(vit_imagenet.Images, "__getitem__", getitem), \
+                unittest.mock.patch.object(vit_imagenet, "time", types.SimpleNamespace(time=lambda: clock[0])), \
+                contextlib.redirect_stdout(io.StringIO()) as stdout:
+            try:
+                vit_imagenet.main()
+            except SystemExit as e:
+                code = e.code
+            finally:
+                for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
+                    signal.signal(s, h)
+        return code, stdout.getvalue(), loaded, [c.args[0] for c in seed.call_args_list][1:]  # [0]: seed_everything
+    want = []  # rank 1's loads: per epoch its shard of the permutation, then its half of val/
+    for epoch in (0, 1):
+        s = DistributedSampler(range(16), 2, 1, shuffle=True, seed=5, drop_last=True)
+        s.set_epoch(epoch)
+        want += [(5, epoch, i) for i in s] + [1, 3, 5]
+    code, out, loaded, seeds1 = run(1, tmp_path / "o1")
+    assert code is None and out == "" and not os.path.exists(tmp_path / "o1"), (code, out)
+    assert loaded == want, loaded
+    assert len(seeds1) == 4 == len(set(seeds1)), seeds1
+    code, out, loaded, seeds0 = run(0, tmp_path / "o0", stop_at=4)  # 2 steps, the epoch's end, then step 3
+    assert code == 130 and "stopped (another process) at step 3/4" in out, (code, out)
+    ck = torch.load(tmp_path / "o0" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 3 and len(seeds0) == 3 and not set(seeds0) & set(seeds1), (ck["step"], seeds0, seeds1)
+    assert out.count("| 4 img/s | data 50% |") == 2, out  # the step line, the epoch's: 16 images in 2 + 2 s
+
+
+def test_imagenet_setup_from_torchruns_environment():
+    """setup(): rank and world from RANK and WORLD_SIZE, the GPU from LOCAL_RANK; gloo on CPUs, NCCL on GPUs with
+    a gloo group beside; one process without the variables; one line for a LOCAL_RANK beyond the GPUs."""
+    env, cpu = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, torch.device("cpu")
+    patch = unittest.mock.patch
+    with patch.dict(os.environ, env), patch.object(vit_imagenet.dist, "init_process_group") as init:
+        assert vit_imagenet.setup("cpu") == (3, 4, cpu, None)
+    init.assert_called_once_with("gloo", device_id=None)
+    with patch.dict(os.environ), patch.object(vit_imagenet.dist, "init_process_group") as init:
+        for k in env:
+            os.environ.pop(k, None)
+        assert vit_imagenet.setup("cpu") == (0, 1, cpu, None) and not init.called
+    for local in (1, 2):
+        with patch.dict(os.environ, {**env, "LOCAL_RANK": str(local)}), \
+                patch.object(common, "pick_device", return_value=torch.device("cuda")), \
+                patch.object(torch.cuda, "device_count", return_value=2), \
+                patch.object(torch.cuda, "set_device") as set_device, \
+                patch.object(torch, "set_float32_matmul_precision"), \
+                patch.object(vit_imagenet.dist, "init_process_group") as init, \
+                patch.object(vit_imagenet.dist, "new_group", return_value="gloo group") as new_group, \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                got = vit_imagenet.setup("auto")
+            except SystemExit as e:
+                got = e.code
+        if local == 1:
+            gpu = torch.device("cuda", 1)
+            assert got == (3, 4, gpu, "gloo group"), got
+            set_device.assert_called_once_with(gpu)
+            init.assert_called_once_with("nccl", device_id=gpu)
+            new_group.assert_called_once_with(backend="gloo")
+        else:
+            assert got == 2 and "LOCAL_RANK 2 but 2 GPUs" in err.getvalue() and not init.called, err.getvalue()
+
+
+def test_imagenet_entry_point_errors_and_teardown(tmp_path):
+    """The script run as __main__: a collective that failed because another process stopped is one line and exit 2;
+    other errors propagate; Ctrl-C before training is exit 130; the process group is destroyed in every case."""
+    import runpy
+    dist = torch.distributed
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234"
+    cases = [(RuntimeError(gloo), True, 2, "process 1 stopped too"), (dist.DistError("x"), True, 2, "stopped too"),
+             (RuntimeError(gloo), False, RuntimeError, ""), (RuntimeError("a bug"), True, RuntimeError, ""),
+             (KeyboardInterrupt(), True, 130, "interrupted: nothing saved")]
+    for err, initialized, want, words in cases:
+        with unittest.mock.patch.object(sys, "argv", ["vit_imagenet.py", "--data-dir", str(tmp_path)]), \
+                unittest.mock.patch.object(common, "check_out_dir", side_effect=err), \
+                unittest.mock.patch.object(dist, "is_initialized", return_value=initialized), \
+                unittest.mock.patch.object(dist, "get_rank", return_value=1), \
+                unittest.mock.patch.object(dist, "destroy_process_group") as destroy, \
+                contextlib.redirect_stderr(io.StringIO()) as stderr:
+            try:
+                runpy.run_path(IMAGENET, run_name="__main__")
+                got = None
+            except SystemExit as e:
+                got = e.code
+            except RuntimeError:
+                got = RuntimeError
+        assert got == want and words in stderr.getvalue(), (err, got, stderr.getvalue())
+        assert destroy.call_count == initialized, (err, destroy.call_count)
+
+
+def test_imagenet_loader_workers_outlive_their_own_signals():
+    """A loader worker ignores Ctrl-C (the main process finishes its step, its workers serve it) and a SIGTERM that
+    is not its parent's (torchrun signals the whole group); start() leaves this process's signal mask as it was."""
+    import multiprocessing
+    if multiprocessing.get_start_method() != "fork":  # e.g. forkserver, Python 3.14's default: workers are not ours
+        raise unittest.SkipTest(f"workers start by {multiprocessing.get_start_method()}, not fork")
+
+    class Ds(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):  # in the worker
+            os.kill(os.getpid(), signal.SIGINT if i == 0 else signal.SIGTERM)
+            time.sleep(0.2)
+            return torch.zeros(1, dtype=torch.uint8), i
+    dl = vit_imagenet.loader(Ds(), 1, argparse.Namespace(workers=1), torch.device("cpu"))
+    with unittest.mock.patch.object(Ds, "__len__", return_value=1):  # worker_init alone, SIGINT (a SIGTERM may reach
+        assert [y.tolist() for _, y, _ in iter(dl)] == [[0]]  # a thread that the worker started before it: start())
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        it = vit_imagenet.start(dl)  # held while the worker forks, then delivered here again
+        assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    assert [y.tolist() for _, y, _ in it] == [[0], [1]]
+
+
+def test_imagenet_predict_feeds_the_eval_crop_normalised(tmp_path):
+    """--predict: the image through the eval transform (short side to img_size / crop_pct, center crop), scaled by
+    the input statistics (ImageNet's for a state_dict) on 0-255 pixels, into the model in eval mode."""
+    from torchvision.transforms.v2 import functional as TF
+    torch.save(ViT(img_size=32, patch_size=8, num_classes=3, dim=32, depth=1, heads=2).state_dict(), tmp_path / "w")
+    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    write_png(img, str(tmp_path / "x.png"))
+    seen, forward = [], common.ViT.forward
+
+    def spy(self, x):
+        seen.append((self.training, x.detach().clone()))
+        return forward(self, x)
+    argv = ["vit_imagenet.py", "--pretrained", str(tmp_path / "w"), "--predict", str(tmp_path / "x.png"), "--device",
+            "cpu"]
+    with unittest.mock.patch.object(sys, "argv", argv), unittest.mock.patch.object(common.ViT, "forward", spy), \
+            contextlib.redirect_stdout(io.StringIO()) as out:
+        vit_imagenet.main()
+    mean, std = (torch.tensor(v).view(3, 1, 1) * 255 for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    want = (TF.center_crop(TF.resize(img, [37]), [32, 32]).float() - mean) / std  # 32 / 0.875 = 36.6
+    assert len(seen) == 1 and seen[0][0] is False and torch.allclose(seen[0][1], want[None], atol=1e-5), seen
+    assert out.getvalue().splitlines()[-1].startswith(f"{tmp_path / 'x.png'}: 0 33.3%, "), out.getvalue()  # 0 head
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
