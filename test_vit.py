@@ -457,6 +457,19 @@ def flag_error(get_args, argv):
 MINI_HEADER = 'epoch,train_loss,test_loss,test_acc,lr,img_per_s,elapsed_s'
 
 
+@contextlib.contextmanager
+def kept_signals_and_threads():
+    """A script's main() run in this process installs its StopFlag's SIGINT / SIGTERM handlers and sets --threads:
+    the test process gets its own back after, however main() ended."""
+    handlers, threads = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads()
+    try:
+        yield
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
+            signal.signal(s, h)
+        torch.set_num_threads(threads)
+
+
 def _write_tiny_mnist(root, folder='MNIST', n_train=512, n_test=128):
     """Real idx files (big-endian magic 2051 images / 2049 labels) holding a learnable toy task that small shifts
     do not change: class c is one of 10 stripe / checker textures, on noise."""
@@ -798,7 +811,6 @@ def test_mini_progress_lines_and_log_on_a_fake_clock(tmp_path):
     _write_tiny_mnist(str(tmp_path))
     now, batches, losses = [1000.0], [], []
     aug, ev, load, ce = mini_vit.augment, mini_vit.evaluate, mini_vit.load_data, F.cross_entropy
-    threads = torch.get_num_threads()
 
     def step_aug(x, *a):
         now[0] += 1
@@ -824,13 +836,11 @@ def test_mini_progress_lines_and_log_on_a_fake_clock(tmp_path):
         with spy(mini_vit, 'time', types.SimpleNamespace(time=lambda: now[0])), spy(mini_vit, 'augment', step_aug), \
                 spy(mini_vit, 'evaluate', slow_eval), spy(mini_vit, 'load_data', slow_load), \
                 spy(F, 'cross_entropy', spy_ce), contextlib.redirect_stdout(io.StringIO()) as log:
-            try:
+            with kept_signals_and_threads():
                 mini_vit.main(['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / every), '--batch-size', '16',
                                '--dim', '16', '--depth', '1', '--epochs', '2', '--device', 'cpu', '--threads', '1',
                                '--log-every', every])
                 assert torch.get_num_threads() == 1
-            finally:
-                torch.set_num_threads(threads)
         lines = [line.split(' | ') for line in log.getvalue().splitlines() if line.startswith('ep ')]
         with open(tmp_path / every / 'log.csv') as f:
             rows = list(csv.DictReader(f))
@@ -866,7 +876,6 @@ def test_mini_fashion_flips_and_test_time_flip(tmp_path):
     _write_tiny_mnist(str(tmp_path), 'FashionMNIST')
     _write_tiny_mnist(str(tmp_path))
     aug, ev, flips, evals, spy = mini_vit.augment, mini_vit.evaluate, set(), [], unittest.mock.patch.object
-    threads = torch.get_num_threads()  # --threads 1: much faster on a busy CPU; the old count back after
 
     def spy_aug(x, translate, hflip, *a):
         flips.add(hflip)
@@ -883,12 +892,10 @@ def test_mini_fashion_flips_and_test_time_flip(tmp_path):
         flips.clear(), evals.clear()
         with spy(mini_vit, 'augment', spy_aug), spy(mini_vit, 'evaluate', spy_eval), \
                 contextlib.redirect_stdout(io.StringIO()) as log:
-            try:
+            with kept_signals_and_threads():  # --threads 1: much faster on a busy CPU; the old count back after
                 mini_vit.main(flags + ['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / str(i)), '--epochs',
                                        '1', '--batch-size', '64', '--dim', '16', '--depth', '1', '--device', 'cpu',
                                        '--threads', '1'])
-            finally:
-                torch.set_num_threads(threads)
         done = log.getvalue().splitlines()[-1]
         assert flips == {hflip} and [e[0] for e in evals] == [False] + [True] * tta, (flags, flips, evals)
         want = f'done: test_acc {evals[0][1][1]:.2f}' + (f', {evals[1][1][1]:.2f} with test-time flip' if tta else '')
@@ -1707,23 +1714,18 @@ def test_imagenet_augmentation_is_per_image_and_epoch(tmp_path):
 
 
 def test_stop_flag_takes_torchruns_copy_of_a_sigterm_as_one():
-    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            stop = common.StopFlag()
-            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, then torchrun's copy: one stop at the step's end
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)
-            assert stop and stop.reasons == ["SIGTERM"]
-            try:
-                os.kill(os.getpid(), signal.SIGINT)  # any other second signal stops at once
-                time.sleep(1)
-                raise AssertionError("a second signal did not stop at once")
-            except KeyboardInterrupt:
-                pass
-    finally:
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
-            signal.signal(s, h)
+    with kept_signals_and_threads(), contextlib.redirect_stdout(io.StringIO()):
+        stop = common.StopFlag()
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, then torchrun's copy: one stop at the step's end
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop and stop.reasons == ["SIGTERM"]
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # any other second signal stops at once
+            time.sleep(1)
+            raise AssertionError("a second signal did not stop at once")
+        except KeyboardInterrupt:
+            pass
 
 
 def test_resume_command_drops_one_off_flags():
@@ -1764,7 +1766,6 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
     imnet = [IMAGENET, "--data-dir", _imagenet_tree(str(tmp_path / "i")), "--out-dir", tmp_path / "oi", "--epochs", 2,
              "--workers", 0, *IMNET_TINY, "--label-smoothing", 0.3, "--clip", 0.7, "--cutmix", 1,
              "--ema", 0.9]
-    handlers, threads = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads()
     seen, get = [], vit_imagenet.Images.__getitem__
 
     def getitem(self, i):  # the epoch each training image is drawn for (val images have no seed)
@@ -1780,11 +1781,8 @@ def test_loops_apply_label_smoothing_and_clipping(tmp_path):
                 unittest.mock.patch.object(vit_imagenet.Images, "__getitem__", getitem), \
                 unittest.mock.patch.object(vit_imagenet.Sampler, "set_epoch", autospec=True,
                                            side_effect=vit_imagenet.Sampler.set_epoch) as set_epoch, \
-                contextlib.redirect_stdout(io.StringIO()):
+                contextlib.redirect_stdout(io.StringIO()), kept_signals_and_threads():
             module.main()
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):  # main() set its StopFlag's, and --threads
-            signal.signal(s, h)
-        torch.set_num_threads(threads)
         smooth = [c.kwargs.get("label_smoothing", 0.0) for c in ce.call_args_list]
         assert smooth.count(0.3) == steps and set(smooth) == {0.0, 0.3}, (module.__name__, smooth)  # 0: test loss
         if module is vit_imagenet:  # --cutmix 1: the training targets are mixed, (B, classes) soft labels
@@ -2082,17 +2080,13 @@ def test_imagenet_stops_on_an_unreadable_training_batch(tmp_path):
         f.write(b"junk")
     argv = ["vit_imagenet.py", "--data-dir", data, "--out-dir", str(tmp_path / "o"), "--epochs", "1", "--workers", "0",
             *IMNET_TINY, "--warmup", "0", "--accum-steps", "8", "--mixup", "0"]
-    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
         with unittest.mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()) as err:
+                contextlib.redirect_stderr(io.StringIO()) as err, kept_signals_and_threads():
             vit_imagenet.main()
         raise AssertionError("trained on an empty batch")
     except SystemExit as e:
         assert e.code == 2 and "1 of 12 images unreadable" in err.getvalue(), err.getvalue()
-    finally:
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
-            signal.signal(s, h)
 
 
 def test_imagenet_two_processes_in_process(tmp_path):
@@ -2116,7 +2110,7 @@ def test_imagenet_two_processes_in_process(tmp_path):
 
         def no_sync(self):
             return contextlib.nullcontext()
-    get, handlers = vit_imagenet.Images.__getitem__, [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    get = vit_imagenet.Images.__getitem__
     clock = [1e4]  # vit_imagenet's time.time()
 
     def run(rank, out, stop_at=0):
@@ -2149,14 +2143,11 @@ def test_imagenet_two_processes_in_process(tmp_path):
                 unittest.mock.patch.object(torch, "manual_seed", wraps=torch.manual_seed) as seed, \
                 unittest.mock.patch.object(vit_imagenet.Images, "__getitem__", getitem), \
                 unittest.mock.patch.object(vit_imagenet, "time", types.SimpleNamespace(time=lambda: clock[0])), \
-                contextlib.redirect_stdout(io.StringIO()) as stdout:
+                contextlib.redirect_stdout(io.StringIO()) as stdout, kept_signals_and_threads():
             try:
                 vit_imagenet.main()
             except SystemExit as e:
                 code = e.code
-            finally:
-                for s, h in zip((signal.SIGINT, signal.SIGTERM), handlers):
-                    signal.signal(s, h)
         return code, stdout.getvalue(), loaded, [c.args[0] for c in seed.call_args_list][1:]  # [0]: seed_everything
     want = []  # rank 1's loads: per epoch its shard of the permutation, then its half of val/
     for epoch in (0, 1):
