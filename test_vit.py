@@ -1182,6 +1182,9 @@ def test_cifar_exact_resume_after_sigterm(tmp_path):
     with open(tmp_path / "c" / "log.csv") as f:
         rows_c = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows_c] == ["1", "2"] and 1e5 <= float(rows_c[0]["elapsed_s"]) < 1e5 + 300, rows_c
+    # the straight run's rows: epoch 1's lr is that of its last step, taken before the stop; no img/s (no step since)
+    assert [(r["epoch"], r["train_loss"], r["test_loss"], r["test_acc"], r["lr"]) for r in rows_c] == rows["a"], rows_c
+    assert rows_c[0]["img_per_s"] == "" and float(rows_c[1]["img_per_s"]) > 0, rows_c
     # a flag given again wins (--weight-decay too, which the optimizer's saved state held); --epochs may not end
     # before the checkpoint's step; another run's log.csv in --out-dir stays; a checkpoint made on another device
     run_cifar("--resume", tmp_path / "c" / "ckpt.pt", "--epochs", 3, "--weight-decay", 0.5)
@@ -1378,6 +1381,450 @@ def test_cifar_flags_recipe_presets_resume_in_process(tmp_path):
                         (["--pos-embed", "learn"], "--pos-embed learn"), (["--freeze"], "--freeze True")):
         code, line = flag_error(vit_cifar.get_args, ["--resume", str(ck), *flags])
         assert code == 2 and word in line and "keeps its dataset" in line, (flags, line)
+
+
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # the published mean and std per channel
+
+
+def _cifar_main(*argv, patches=()):
+    """vit_cifar.main() in this process (a fraction of a subprocess's time), inside patches (context managers, e.g.
+    spies): (its exit code, None when it returned; stdout; stderr)."""
+    with contextlib.ExitStack() as stack:
+        command_line = unittest.mock.patch.object(sys, "argv", ["vit_cifar.py", *map(str, argv)])
+        for p in (command_line, kept_signals_and_threads(), *patches):
+            stack.enter_context(p)
+        out, err = (stack.enter_context(r(io.StringIO())) for r in (contextlib.redirect_stdout,
+                                                                    contextlib.redirect_stderr))
+        try:
+            vit_cifar.main()
+            code = None
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _cifar_batches(root, *names):
+    """The pickled python batches of a write_cifar10() tree, as written."""
+    found = []
+    for name in names:
+        with open(os.path.join(root, "cifar-10-batches-py", name), "rb") as f:
+            found.append(pickle.load(f))
+    return found
+
+
+def _augmented(x, op=None, seed=0, erase=0.0, mean=(0.0, 0.0, 0.0)):
+    """vit_cifar.augment of uint8 images x, erasing off unless asked. op None: --policy none (crop and flip only); else
+    the policy with every sample's op pinned to op through augment's own draw of it (torch.randint(0, 13)), so that one
+    op's maths shows over the whole range of its random magnitude."""
+    args, randint = argparse.Namespace(policy="none" if op is None else "trivial", erase=erase), torch.randint
+
+    def pinned(*a, **k):
+        return torch.full(a[2], op, dtype=torch.long) if a[:2] == (0, 13) else randint(*a, **k)
+    with unittest.mock.patch.object(torch, "randint", pinned):
+        return vit_cifar.augment(x, torch.Generator().manual_seed(seed), args, torch.tensor(mean).view(1, 3, 1, 1))
+
+
+def _slopes(bright, dim):
+    """Per (32, 32) mask of a batch, the least-squares slope of its mean row in each column against the column (dim 1:
+    a horizontal bar's tilt), or of its mean column in each row against the row (dim 2: an upright bar's lean)."""
+    m, ar = (bright if dim == 1 else bright.transpose(1, 2)).float(), torch.arange(32.0)
+    n = m.sum(1)
+    used, k = n > 0, (n > 0).sum(1)  # the columns (rows) the bar reaches
+    centre = (m * ar[:, None]).sum(1) / n.clamp_min(1)  # (B, 32): the mean row (column) in each
+    cu, cc = torch.where(used, ar, 0.0).sum(1) / k, torch.where(used, centre, 0.0).sum(1) / k
+    du = torch.where(used, ar - cu[:, None], 0.0)
+    return (du * (centre - cc[:, None])).sum(1) / (du * du).sum(1)
+
+
+def test_cifar_load_cifar_both_datasets_download_and_bad_labels(tmp_path):
+    """load_cifar: each row of a batch is an image of R, G, B planes of 32 x 32, the train batches in their order;
+    CIFAR-100's fine labels and class names (not the coarse ones) and its own statistics in a run; a missing dataset is
+    downloaded through torchvision's class of that dataset into --data-dir; labels that do not fit their images or the
+    classes: one line naming the batch."""
+    import numpy as np
+    root = write_cifar10(tmp_path / "c10", n_train=50, n_test=10)
+    raw = _cifar_batches(root, *[f"data_batch_{i}" for i in range(1, 6)], "test_batch")
+    data, classes = vit_cifar.load_cifar("cifar10", root)
+    assert classes[:3] == ["airplane", "automobile", "bird"] and len(classes) == 10, classes
+    for split, bs in (("train", raw[:5]), ("test", raw[5:])):
+        x, y = data[split]
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8, x.shape
+        assert torch.equal(x.reshape(len(x), -1), torch.from_numpy(np.concatenate([b["data"] for b in bs]))), split
+        assert torch.equal(y, torch.tensor(sum((b["labels"] for b in bs), []))), split
+    for labels in ([0] * 9, [-1] + [0] * 9, [10] + [0] * 9):  # one short; below 0; past the 10 classes
+        with open(os.path.join(root, "cifar-10-batches-py", "data_batch_2"), "wb") as f:
+            pickle.dump({"data": raw[1]["data"], "labels": labels}, f)
+        code, line = flag_error(lambda r: vit_cifar.load_cifar("cifar10", r), root)
+        assert code == 2 and "data_batch_2" in line and "N labels < 10" in line, (labels, line)
+    g, c100 = np.random.default_rng(0), str(tmp_path / "c100")
+
+    def download(where, download):  # torchvision's CIFAR100(root, download=True), offline
+        d = os.path.join(where, "cifar-100-python")
+        os.makedirs(d)
+        for name, n in (("train", 32), ("test", 8)):
+            with open(os.path.join(d, name), "wb") as f:
+                pickle.dump({"data": g.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels":
+                             list(range(99, 99 - n, -1)), "coarse_labels": [19] * n}, f)
+        with open(os.path.join(d, "meta"), "wb") as f:
+            pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": ["c"] * 20}, f)
+    import torchvision.datasets as tvd
+    with unittest.mock.patch.object(tvd, "CIFAR100", side_effect=download) as c, \
+            unittest.mock.patch.object(tvd, "CIFAR10") as c10:
+        code, _, err = _cifar_main("--dataset", "cifar100", "--data-dir", c100, "--out-dir", tmp_path / "o", "--epochs",
+                                   1, *CIFAR_TINY, *CIFAR_LIGHT, "--batch-size", 16, "--depth", 1)
+    assert code is None and c.call_args_list == [unittest.mock.call(c100, download=True)] and not c10.called, err
+    data, classes = vit_cifar.load_cifar("cifar100", c100)
+    assert classes == [f"f{i}" for i in range(100)] and data["train"][1].tolist() == list(range(99, 67, -1))
+    args = json.loads((tmp_path / "o" / "args.json").read_text())
+    assert (args["mean"], args["std"]) == ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]), args
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["model"]["head.bias"].shape == (100,)
+
+
+def test_cifar_augment_geometric_ops_per_sample():
+    """The crop, flip and 5 geometric ops of the policy, each pinned for a batch: nearest-pixel resampling (no new
+    values), reflection at the borders (a uniform image stays uniform), areas kept (rotation and shear are rigid or
+    area-preserving), and each op's range: rotation up to 30 degrees either way, shear up to 0.3 (one op along x, one
+    along y), translation up to 8 px (one op across, one down) on top of the +-4 px crop."""
+    n, axis = 128, {}  # axis: for the shears and translations, which of (y, x) each op moves along
+    x = torch.zeros(4, n, 3, 32, 32, dtype=torch.uint8)  # a 4 x 20 horizontal bar, a vertical one, a dot, all white
+    x[0, :, :, 14:18, 6:26] = x[1, :, :, 6:26, 14:18] = x[2, ..., 16, 16] = x[3] = 255
+    for op in [None] + list(range(6)):  # none, identity, shear, shear, translate, translate, rotate
+        kinds = 1 if op == 5 else 2 if op in (1, 2) else 3  # the bar, the upright one, the dot
+        a = _augmented(torch.cat([x[:kinds].flatten(0, 1), x[3, :8]]), op)
+        assert torch.equal(a[-8:], torch.ones(8, 3, 32, 32)), op  # 255 -> exactly 1, and no border
+        assert ((a[:-8] == 0) | (a[:-8] == 1)).all(), op  # whole pixels moved, none blended
+        bar = a[:n, 0] > 0.5
+        assert (bar.sum((1, 2)) - 80).abs().max() <= 12, (op, bar.sum((1, 2)))
+        if op == 5:  # rotate: the bar's tilt up to tan(30 degrees) = 0.577, either way
+            tilt = _slopes(bar, 1)
+            assert 0.52 < tilt.abs().max() < 0.62 and (tilt > 0.2).any() and (tilt < -0.2).any(), op
+            continue
+        bent = [_slopes(bar, 1).abs().max(), _slopes(a[n:2 * n, 0] > 0.5, 2).abs().max()]  # (a shear along y, x)
+        if op in (1, 2):  # one bar sheared up to 0.3, the other one straight (but for its slanted ends)
+            assert min(bent) < 0.05 and 0.26 < max(bent) < 0.34, (op, bent)
+            axis[op] = int(bent[1] > bent[0])
+            continue
+        assert max(bent) < 0.05, (op, bent)
+        at = a[2 * n:3 * n, 0].flatten(1).argmax(1)  # the dot: the crop's +-4 px (a flip puts column 16 at 15)
+        moved = [(at // 32 - 16).abs().max().item(), (at % 32 - 15.5).abs().max().item() - 0.5]  # (y, x)
+        if op in (None, 0):
+            assert moved == [4, 4], (op, moved)
+        else:  # and the translation's 8 px more along one axis
+            assert min(moved) == 4 and 10 <= max(moved) <= 12, (op, moved)
+            axis[op] = int(moved[1] > moved[0])
+    assert axis[1] != axis[2] and axis[3] != axis[4], axis
+
+
+def test_cifar_augment_colour_ops_per_sample():
+    """The policy's 7 colour ops, each pinned for a batch of 128, on images that show its maths: a factor 1 + 0.9 m
+    (m uniform in -1..1) for brightness, saturation (luminance kept), contrast (the mean kept) and sharpness (PIL's
+    SMOOTH kernel); posterize to 2..8 bits; solarize above a uniform threshold; per-channel autocontrast; results
+    clamped to [0, 1]. Then the op drawn per sample, 1/13 each: autocontrast's mark on 1/13 of an unpinned batch."""
+    n, v = 128, lambda *c: torch.tensor(c, dtype=torch.uint8).view(1, -1, 1, 1).expand(n, -1, 32, 32)
+
+    def factors(f):  # the factor of every sample: within (0.1, 1.9), and near both ends and 1 in a batch of 128
+        assert f.min() > 0.1 - 1e-4 and f.max() < 1.9 + 1e-4 and f.min() < 0.2 and f.max() > 1.8, (f.min(), f.max())
+        assert 0.3 < (f < 1).float().mean() < 0.7, f
+    a = _augmented(torch.cat([v(100, 100, 100), v(200, 200, 200)]), 6)  # brightness: x * f, clamped at 1
+    factors(a[:n, :, 5, 5].flatten() * 2.55)
+    assert a[n:].max() == 1 and (a[n:] == 1).any() and torch.equal(a.flatten(2).amin(2), a.flatten(2).amax(2))
+    c = torch.tensor([150.0, 120.0, 100.0]) / 255  # saturation: the grey (luminance) stays, the colour moves by f
+    lum = torch.tensor([0.299, 0.587, 0.114])
+    a = _augmented(v(150, 120, 100), 7)[:, :, 0, 0]
+    assert torch.allclose(a @ lum, (c @ lum).expand(n), atol=1e-5), a @ lum
+    f = (a - c @ lum) / (c - c @ lum)
+    assert torch.allclose(f, f[:, :1].expand(-1, 3), atol=1e-4), f
+    factors(f[:, 0])
+    x = v(80, 80, 80).clone()  # contrast: two greys; their gap times f, the image's mean grey kept
+    x[:, :, :, 16:] = 160
+    a = _augmented(x, 8)[:, 0]
+    lo, hi = a.flatten(1).amin(1), a.flatten(1).amax(1)
+    f = (hi - lo) * 255 / 80
+    factors(f)
+    share = (a == hi[:, None, None]).float().mean((1, 2))  # the bright half's share after the crop
+    assert torch.allclose(a.mean((1, 2)), (80 + 80 * share) / 255, atol=1e-5) and (share != 0.5).any()
+    x = v(100, 100, 100).clone()  # sharpness: one brighter pixel (+50); blur + f * (x - blur), blur = SMOOTH
+    x[..., 16, 16] = 150
+    a = _augmented(x, 9)[:, 0] * 255 - 100
+    at = a.flatten(1).argmax(1)
+    centre, side = a.flatten(1).amax(1), a[torch.arange(n), at // 32, at % 32 - 1]
+    assert torch.allclose(centre + 8 * side, torch.full((n,), 50.0), atol=1e-3), centre + 8 * side  # sum kept
+    factors((centre * 13 / 50 - 5) / 8)  # centre 50 (5 + 8 f) / 13, each of its 8 neighbours 50 (1 - f) / 13
+    a = _augmented(v(255, 255, 255), 10)[:, 0, 0, 0] * 255  # posterize: 255 keeps its top 2..8 bits
+    assert set(a.round().tolist()) == {192, 224, 240, 248, 252, 254, 255}, a.unique()
+    x = v(204, 204, 204).clone()  # solarize: 0.2 in a quarter, 0.8 elsewhere; at or above a threshold, uniform in
+    x[:, :, :16, :16] = 51  # 0..1, a pixel is inverted: neither (p 0.2), the 0.8 ones (0.6), or both (0.2)
+    a = _augmented(x, 11)[:, 0]
+    low = (a - 0.2).abs() < 1e-6
+    assert low.logical_or((a - 0.8).abs() < 1e-6).all()
+    share = low.float().mean((1, 2))  # of 0.2: the quarter's share after the crop (< 0.5), all, or 1 - that share
+    neither, light, both = share < 0.5, share == 1, (share > 0.5) & (share < 1)
+    assert all(0.1 < k.float().mean() < 0.3 for k in (neither, both)) and 0.5 < light.float().mean() < 0.7, share
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.randint(lo, lo + k, (n, 32, 32), generator=g) for lo, k in ((100, 11), (30, 31), (200, 2))],
+                    1).to(torch.uint8)
+    a = _augmented(x, 12)  # autocontrast: each channel (none flat) stretched to 0..1; R's 11 values to tenths
+    assert (a.amin((2, 3)) == 0).all() and (a.amax((2, 3)) == 1).all()
+    assert torch.allclose(a[:, 0] * 10, (a[:, 0] * 10).round(), atol=1e-5)
+    flat = x.clone()
+    flat[:, 1] = 77  # a flat channel stays as it is (PIL's and torchvision's autocontrast), not black
+    assert torch.equal(_augmented(flat, 12)[:, 1], torch.full((n, 32, 32), 77 / 255))
+    args = argparse.Namespace(policy="trivial", erase=0.0)  # unpinned: only autocontrast spans 0..1 in R here
+    a = vit_cifar.augment(torch.cat([x] * 5), torch.Generator().manual_seed(0), args, torch.zeros(1, 3, 1, 1))
+    k = ((a[:, 0].amin((1, 2)) == 0) & (a[:, 0].amax((1, 2)) == 1)).sum()
+    assert 30 < k < 70, k  # 640 / 13 = 49
+
+
+def test_cifar_augment_erasing_and_its_generator():
+    """Random erasing: with --erase 1 each image gets one filled box of the mean colour, of 2-33% of the area and an
+    aspect of 0.3-3.3, placed alike across and down; with --erase 0.25 a quarter of the images do. And augment draws
+    from its generator alone, per sample: the same seed gives the same images, another seed others, and the global
+    RNG (MixUp / CutMix's and drop-path's) is not moved."""
+    n, mean = 1500, torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    x = torch.full((n, 3, 32, 32), 204, dtype=torch.uint8)
+    a = _augmented(x, erase=1.0, mean=mean.flatten().tolist())
+    box = (a == mean).all(1)
+    assert ((a - 0.8).abs() < 1e-6).all(1).logical_or(box).all()
+    rows, cols = box.any(2), box.any(1)
+    h, w = rows.sum(1), cols.sum(1)
+    assert torch.equal(box.sum((1, 2)), h * w)  # one filled rectangle each
+    area, aspect = (h * w).float() / 1024, h.float() / w
+    assert 0.01 < area.min() < 0.03 and 0.28 < area.max() < 0.4 and aspect.min() < 0.4 and aspect.max() > 2.5, area
+    edges = torch.stack([rows[:, 0], rows[:, -1], cols[:, 0], cols[:, -1]]).float().mean(1)  # top, bottom, left, right
+    assert (edges - edges.mean()).abs().max() < 0.02 and edges.min() > 0.02, edges  # the first row too (pixel centres)
+    erased = (_augmented(x, erase=0.25, mean=mean.flatten().tolist()) == mean).all(1).flatten(1).any(1)
+    assert 0.2 < erased.float().mean() < 0.3, erased.float().mean()
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    state, args = torch.get_rng_state(), argparse.Namespace(policy="trivial", erase=0.5)
+    same, again, other = (vit_cifar.augment(x.expand(64, -1, -1, -1), torch.Generator().manual_seed(s), args, mean)
+                          for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(same, again) and not torch.equal(same, other)
+    assert len({im.numpy().tobytes() for im in same}) >= 60  # one image 64 times: each copy its own draws
+
+
+def test_cifar_build_model_and_attention_picture(tmp_path):
+    """build_model: the preset, the size flags over it, --img-size, --pool, --pos-embed, --drop-path (the last block's
+    rate) and the class count; a model's own arch (from weights or a checkpoint) over the flags. save_attention: per
+    test image the image, the last block's attention map (heads averaged; the class token's to the patches, or with mean
+    pooling the mean over the queries), scaled to 0..1 and upsampled bilinearly, and the image dimmed to 25% where the
+    map is 0; each tile 3x, six a row."""
+    a = argparse.Namespace(arch=None, model="cifar_ti", patch=8, dim=96, depth=2, heads=None, mlp_ratio=2.0,
+                           img_size=48, pool="cls", pos_embed="learn", drop_path=0.3)
+    m = vit_cifar.build_model(a, 100)
+    assert a.arch == dict(img_size=48, patch_size=8, dim=96, depth=2, heads=3, mlp_ratio=2.0, pool="cls",
+                          pos_embed="learn"), a.arch
+    assert (m.patch_embed.grid, len(m.blocks), m.blocks[0].attn.heads, m.blocks[0].mlp.fc1.out_features,
+            m.head.out_features, m.blocks[0].drop_path.p, m.blocks[1].drop_path.p) == (6, 2, 3, 192, 100, 0.0, 0.3)
+    assert m.cls_token is not None and isinstance(m.pos_embed, torch.nn.Parameter)
+    b = argparse.Namespace(**{**vars(a), "arch": None, "patch": None, "dim": None, "depth": 1, "mlp_ratio": None,
+                              "img_size": 0, "pool": "mean", "pos_embed": "sincos"})
+    m = vit_cifar.build_model(b, 10)  # the cifar_ti preset but for its depth, at 32 px
+    assert b.arch == dict(img_size=32, patch_size=4, dim=192, depth=1, heads=3, pool="mean", pos_embed="sincos")
+    assert m.cls_token is None and "pos_embed" not in dict(m.named_parameters())
+    c = argparse.Namespace(**{**vars(b), "arch": dict(a.arch)})
+    assert vit_cifar.build_model(c, 100).patch_embed.grid == 6 and c.arch == a.arch
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for pool in ("cls", "mean"):
+        m = randomize(ViT(img_size=32, patch_size=8, dim=32, depth=2, heads=2, pool=pool), std=0.3)
+        with unittest.mock.patch.object(vit_cifar, "save_image", wraps=vit_cifar.save_image) as save:
+            vit_cifar.save_attention(m, x, lambda t: (t - 0.5) / 0.25, str(tmp_path / "a.png"))
+        attn = m.attention_maps((x - 0.5) / 0.25)[-1].mean(1)  # (8, 17 or 16, same)
+        heat = (attn[:, 0, 1:] if pool == "cls" else attn.mean(1)).view(8, 1, 4, 4)
+        lo, hi = heat.amin((2, 3), keepdim=True), heat.amax((2, 3), keepdim=True)
+        heat = F.interpolate((heat - lo) / (hi - lo), size=32, mode="bilinear", align_corners=False)
+        want = torch.stack([x, heat.expand(-1, 3, -1, -1), x * (0.25 + 0.75 * heat)], 1).flatten(0, 1)  # per image
+        (tiles, path), kw = save.call_args
+        assert path == str(tmp_path / "a.png") and kw["nrow"] == 6 and tiles.shape == (24, 3, 96, 96), (path, kw)
+        assert torch.allclose(tiles, want.repeat_interleave(3, 2).repeat_interleave(3, 3), atol=1e-5), pool
+    from torchvision.io import read_image
+    assert read_image(str(tmp_path / "a.png")).shape == (3, 4 * 98 + 2, 6 * 98 + 2)
+
+
+def test_cifar_training_loop_on_a_fake_clock(tmp_path):
+    """main() on 80 images (5 steps of 16 an epoch, 3 epochs, --eval-every 2), stopped by --interrupt-at 7 and resumed,
+    on a clock that moves 1 s an augmentation, 3 s an optimizer step and 7 s an evaluation: each step's learning rate
+    (warmup, cosine, times each group's layer-decay scale), the EMA (decay 0.5) of the weights after each step, each
+    progress and epoch line to the digit (the loss since the last line, img/s, aug %, eta: also right after the
+    resume), log.csv's rows, what each save holds, the test scores as computed again from the saved weights (inputs
+    resized to --img-size, normalised by the CIFAR-10 statistics), the 8 test images spread over the test set that
+    attention.png shows, beside the raw model's attention, and curves.png; a loss gone infinite stops it, unsaved."""
+    root, out = write_cifar10(tmp_path / "data", n_train=80, n_test=20), tmp_path / "out"
+    now, seen = [0.0], {k: [] for k in ("lrs", "ema", "losses", "saves", "attention", "curves")}
+    aug, step, ema_update, evaluate, save, ce = (vit_cifar.augment, common.optimizer_step, common.ema_update,
+                                                 common.evaluate, common.save_checkpoint, F.cross_entropy)
+    lr_at, sd = (lambda s: common.lr_at(s, 15, 5e-3, 5)), (lambda m: {k: v.clone() for k, v in m.state_dict().items()})
+
+    def spy_aug(*a):
+        now[0] += 1
+        return aug(*a)
+
+    def spy_step(opts, *a):
+        seen["lrs"].append([(g["lr"], g["lr_scale"]) for o in opts for g in o.param_groups])
+        now[0] += 3
+        return step(opts, *a)
+
+    def spy_ema(ema, model, first):
+        ema_update(ema, model, first=first)
+        seen["ema"].append((first, sd(model)))
+
+    def spy_eval(*a, **k):
+        now[0] += 7
+        return evaluate(*a, **k)
+
+    def spy_save(obj, path):
+        seen["saves"].append({**{k: obj[k] for k in ("epoch", "batch", "step", "ema_n", "n_train", "elapsed")},
+                              "perm": obj["perm"] is not None, "model": {k: v.clone() for k, v in obj["model"].items()},
+                              "ema": {k: v.clone() for k, v in obj["ema"].items()}})
+        return save(obj, path)
+
+    def spy_ce(*a, **k):
+        loss = ce(*a, **k)
+        seen["losses"] += [loss.item()] if torch.is_grad_enabled() else []
+        return loss
+    spy = unittest.mock.patch.object
+    patches = [spy(vit_cifar, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0])),
+               spy(vit_cifar, "augment", spy_aug), spy(common, "optimizer_step", spy_step),
+               spy(common, "ema_update", spy_ema), spy(common, "evaluate", spy_eval),
+               spy(common, "save_checkpoint", spy_save), spy(F, "cross_entropy", spy_ce),
+               spy(vit_cifar, "save_attention", lambda m, x, *a: seen["attention"].append((sd(m), x))),
+               spy(common, "plot_curves", lambda *a: seen["curves"].append(a))]
+    flags = ["--data-dir", root, "--out-dir", out, "--epochs", 3, *CIFAR_TINY, *CIFAR_LIGHT, "--batch-size", 16,
+             "--depth", 1, "--warmup", 1, "--eval-every", 2, "--ema", 0.5, "--img-size", 48, "--optimizer", "muon",
+             "--layer-decay", 0.5, "--weight-decay", 0.1, "--drop-path", 0]
+    code, out1, _ = _cifar_main(*flags, "--interrupt-at", 7, patches=patches)
+    code2, out2, err = _cifar_main("--resume", out / "ckpt.pt", "--threads", 1, patches=patches)
+    assert (code, code2) == (130, None), err
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    for i, groups in enumerate(seen["lrs"]):  # two optimizers (Muon, AdamW), each group at lr times its scale
+        assert all(abs(lr - lr_at(i) * scale) < 1e-12 for lr, scale in groups), (i, groups)
+    assert len(seen["lrs"]) == 15 and {s for _, s in seen["lrs"][0]} == {1.0, 0.5, 0.25} and len(ck["optimizer"]) == 2
+    assert {g["weight_decay"] for o in ck["optimizer"] for g in o["param_groups"]} == {0.0, 0.1}
+    assert [first for first, _ in seen["ema"]] == [True] + [False] * 14, seen["ema"]
+    avg = None  # the EMA: the first step's weights, then halfway to each next step's (across the resume too)
+    for first, w in seen["ema"]:
+        avg = w if first else {k: (avg[k] + w[k]) / 2 for k in w}
+    assert all(torch.equal(v, ck["model"][k]) and torch.allclose(avg[k], ck["ema"][k], atol=1e-6)
+               for k, v in seen["ema"][-1][1].items())
+    saves = [tuple(s[k] for k in ("epoch", "batch", "step", "ema_n", "n_train", "elapsed", "perm"))
+             for s in seen["saves"]]
+    assert saves == [(1, 0, 5, 5, 80, 20.0, False), (1, 2, 7, 7, 80, 28.0, True), (2, 0, 10, 10, 80, 54.0, False),
+                     (3, 0, 15, 15, 80, 88.0, False)], saves  # each epoch's end, and the stop's (mid-epoch: its order)
+    b = _cifar_batches(root, "test_batch")[0]
+    x, y = torch.from_numpy(b["data"]).view(-1, 3, 32, 32).float() / 255, torch.tensor(b["labels"])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CIFAR10_STATS)
+    resized = (F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False) - mean) / std
+
+    def score(weights, flip=False):  # (loss, accuracy) as the lines print them
+        m = ViT(num_classes=10, **ck["args"]["arch"])
+        m.load_state_dict(weights)
+        s = common.evaluate(m, [(resized, y)], flip=flip).tolist()
+        return f"{s[0] / s[3]:.4f}", f"{100 * s[1] / s[3]:.2f}"
+    lines, want, last = [ln for ln in (out1 + out2).splitlines() if ln.startswith("ep ")], [], 0
+    for s in (2, 4, 5, 6, 7, 8, 10, 12, 14, 15):  # every 2nd step, each epoch's last and the stop's
+        want.append(f"ep {(s - 1) // 5 + 1}/3 | step {s}/15 | loss {sum(seen['losses'][last:s]) / (s - last):.4f} | "
+                    f"lr {lr_at(s - 1):.2e} | 4 img/s | aug 25.0% | eta {common.fmt_time((15 - s) * 4)}")
+        last = s
+    assert [ln for ln in lines if " | step " in ln] == want, lines
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    saved, ends = {s["epoch"]: s for s in seen["saves"] if not s["perm"]}, [ln for ln in lines if " | step " not in ln]
+    assert len(rows) == len(ends) == 3, (rows, ends)
+    for e, (line, row, elapsed) in enumerate(zip(ends, rows, (20.0, 54.0, 88.0)), 1):  # evaluated: epochs 2 and 3
+        train, (lo, acc), ema = f"{sum(seen['losses'][5 * e - 5:5 * e]) / 5:.4f}", score(saved[e]["model"]), \
+            score(saved[e]["ema"])
+        assert row == dict(epoch=str(e), train_loss=train, test_loss=lo if e > 1 else "", test_acc=acc if e > 1 else "",
+                           lr=f"{lr_at(5 * e - 1):.3e}", img_per_s="4.0", elapsed_s=f"{elapsed:.1f}"), (e, row)
+        scores = f" | test loss {lo} acc {acc}% | ema {ema[0]} acc {ema[1]}%" if e > 1 else ""
+        assert line == f"ep {e}/3 | train loss {train}{scores} | 4 img/s | {common.fmt_time(elapsed)}", (line, e)
+    assert [ln for ln in out2.splitlines() if ln.startswith("final ")] == [
+        f"final {k} with test-time flip | test loss {lo} acc {acc}% | {t}" for k, (lo, acc), t in
+        (("model", score(ck["model"], True), "1m35s"), ("ema", score(ck["ema"], True), "1m42s"))], out2
+    head = (f"cifar10: 80 train / 20 test images on cpu (fp32) | cifar_cpu 48px patch 4 dim 32 depth 1 "
+            f"{sum(v.numel() for v in ck['model'].values()) / 1e6:.2f}M params | 5 steps/epoch | from step ")
+    assert out1.splitlines()[0] == head + "0" and head + "7" in out2.splitlines(), (out1[:300], out2[:300])
+    (weights, shown), = seen["attention"]
+    assert torch.equal(shown, x[[0, 2, 5, 8, 10, 13, 16, 19]])
+    assert all(torch.equal(v, weights[k]) for k, v in ck["model"].items())  # the raw model's, not the EMA's
+    assert seen["curves"] == [(os.path.join(str(out), "log.csv"), os.path.join(str(out), "curves.png"))], seen["curves"]
+    code, _, err = _cifar_main(*flags[:2], "--out-dir", tmp_path / "inf", "--epochs", 1, *CIFAR_TINY, "--log-every", 1,
+                               patches=[spy(F, "cross_entropy", lambda *a, **k: ce(*a, **k) * math.inf)])
+    assert code == 2 and "the training loss became inf by step 1" in err, err
+    assert not (tmp_path / "inf" / "ckpt.pt").exists()
+
+
+def test_cifar_mixup_cutmix_labels_order_and_seeds(tmp_path):
+    """What the model trains on, batch by batch: the augmented images, normalised by the CIFAR-10 statistics, with
+    their own labels, mixed by MixUp or CutMix (one picked per batch; given alone, that one) into soft targets; each
+    epoch n // batch-size whole batches of distinct images, in a new order; another --seed another order and another
+    initial model."""
+    root = write_cifar10(tmp_path / "data", n_train=85, n_test=20)  # 5 steps of 16 an epoch, 5 images left out
+    batches = _cifar_batches(root, *[f"data_batch_{i}" for i in range(1, 6)])
+    label = {row.tobytes(): k for b in batches for row, k in zip(b["data"], b["labels"])}
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CIFAR10_STATS)
+    aug, forward, build, ce = vit_cifar.augment, common.ViT.forward, vit_cifar.build_model, F.cross_entropy
+
+    def run(seed, *mixing):  # per training step: (source images, augmented, model input, targets); the initial weights
+        seen, spy = {"src": [], "aug": [], "x": [], "y": [], "init": []}, unittest.mock.patch.object
+
+        def spy_aug(x, *a):
+            seen["src"].append(x)
+            seen["aug"].append(aug(x, *a))
+            return seen["aug"][-1]
+
+        def spy_forward(self, x):
+            seen["x"] += [x.detach().clone()] if torch.is_grad_enabled() else []
+            return forward(self, x)
+
+        def spy_ce(logits, y, **k):
+            seen["y"] += [y.clone()] if torch.is_grad_enabled() else []
+            return ce(logits, y, **k)
+
+        def spy_build(*a):
+            m = build(*a)
+            seen["init"].append(m.patch_embed.proj.weight.detach().clone())
+            return m
+        code, _, err = _cifar_main("--data-dir", root, "--out-dir", tmp_path / str(seed), "--epochs", 2, *CIFAR_TINY,
+                                   *CIFAR_LIGHT, "--batch-size", 16, "--depth", 1, "--seed", seed, *mixing, patches=[
+                                       spy(vit_cifar, "augment", spy_aug), spy(common.ViT, "forward", spy_forward),
+                                       spy(F, "cross_entropy", spy_ce), spy(vit_cifar, "build_model", spy_build)])
+        assert code is None and len(seen["y"]) == 10, err
+        kinds = []
+        for src, a, x, y in zip(seen["src"], seen["aug"], seen["x"], seen["y"]):
+            assert y.shape == (16, 10), y.shape  # soft targets
+            one = F.one_hot(torch.tensor([label[r.numpy().tobytes()] for r in src.flatten(1)]), 10).float()
+            lam = ((y - one.roll(1, 0)) * (one - one.roll(1, 0))).sum() / ((one - one.roll(1, 0)) ** 2).sum()
+            assert torch.allclose(y, lam * one + (1 - lam) * one.roll(1, 0), atol=1e-6), (y, one)  # its own labels
+            p = (a - mean) / std  # each image mixed with the one before it in the batch
+            blend = torch.allclose(x, lam * p + (1 - lam) * p.roll(1, 0), atol=1e-5)
+            pasted = (x == p) | (x == p.roll(1, 0))
+            box = (x != p).flatten(0, 1).any(0)  # (32, 32): where the images before them were pasted in
+            cut = bool(pasted.all()) and abs(box.float().mean() - (1 - lam)) < 1e-6  # a box of 1 - lam of the area
+            assert blend or cut, lam
+            kinds.append("cutmix" if not blend else "mixup" if not cut else "either")
+        return seen, kinds
+    both, kinds = run(0, "--mixup", 0.8, "--cutmix", 1.0)
+    assert {"mixup", "cutmix"} <= set(kinds), kinds
+    cut, kinds = run(1, "--cutmix", 1.0)
+    assert "mixup" not in kinds and "cutmix" in kinds, kinds
+    images = {r.tobytes() for b in batches for r in b["data"]}
+    orders = [torch.cat(s["src"][i:i + 5]).flatten(1) for s in (both, cut) for i in (0, 5)]
+    for order in orders:  # 80 of the 85 once each (5 batches of 16), in an order of its own
+        assert len({r.numpy().tobytes() for r in order} & images) == 80, len(order)
+    first80 = torch.cat([torch.from_numpy(b["data"]) for b in batches])[:80]  # the files' order
+    assert len({o.numpy().tobytes() for o in orders + [first80]}) == 5
+    assert not torch.equal(both["init"][0], cut["init"][0])
+
+
+def test_cifar_freeze_trains_only_the_new_head(tmp_path):
+    """--pretrained FILE --freeze: a linear probe; the new head learns, every other weight stays the file's."""
+    src = randomize(ViT(img_size=32, patch_size=8, dim=32, depth=1, heads=2, num_classes=5)).state_dict()
+    torch.save(src, tmp_path / "w.pth")
+    code, _, err = _cifar_main("--data-dir", write_cifar10(tmp_path / "data", n_train=80, n_test=20), "--out-dir",
+                               tmp_path / "out", "--pretrained", tmp_path / "w.pth", "--heads", 2, "--freeze",
+                               "--epochs", 1, "--batch-size", 16, "--device", "cpu", "--threads", 1)
+    weights = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"]
+    assert code is None and weights["head.weight"].shape == (10, 32) and weights["head.weight"].any(), err
+    assert all(torch.equal(v, src[k]) for k, v in weights.items() if not k.startswith("head.")), err
 
 
 # ---------------------------------------------------------------------------------- pretrained weights (#6)

@@ -241,7 +241,7 @@ def augment(x, gen, args, mean):
         cands = [x * f, gray + f * (x - gray), gray.mean((2, 3), keepdim=True) * (1 - f) + f * x, blur + f * (x - blur),
                  torch.floor(x * 255 / 2 ** (8 - bits)) * 2 ** (8 - bits) / 255,
                  torch.where(x >= 1 - mag.abs().view(B, 1, 1, 1), 1 - x, x),  # solarize
-                 (x - lo) / (hi - lo).clamp_min(1e-3)]  # autocontrast
+                 torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-3), x)]  # autocontrast; a flat channel stays
         for i, c in enumerate(cands):  # ops 6..12; 0 is identity, 1..5 were geometric
             x = torch.where((op == 6 + i).view(B, 1, 1, 1), c, x)
         x = x.clamp(0, 1)
@@ -249,7 +249,7 @@ def augment(x, gen, args, mean):
         area, logr = (0.02 + 0.31 * r(B)) * 1024, (r(B) * 2 - 1) * 1.2
         h, w = (area * logr.exp()).sqrt().clamp(1, 32), (area / logr.exp()).sqrt().clamp(1, 32)
         y0, x0 = r(B) * (32 - h), r(B) * (32 - w)
-        ar = torch.arange(32, device=dev)
+        ar = torch.arange(32, device=dev) + 0.5  # pixel centres: the first row and column as likely as the last
         box = ((ar >= y0[:, None]) & (ar < (y0 + h)[:, None]))[:, :, None] & \
               ((ar >= x0[:, None]) & (ar < (x0 + w)[:, None]))[:, None, :]  # (B, 32, 32)
         x = torch.where((box & (r(B) < args.erase)[:, None, None])[:, None], mean.view(1, 3, 1, 1), x)
